@@ -1,0 +1,116 @@
+"""The driver: plans a job, skips finished stages, runs each remaining stage as a Ray Train run.
+
+The driver only builds configs and calls ``fit``; the training itself is ``kd_cluster.train.run_stage``,
+the same function ``--no-ray`` calls in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd_cluster.config import JobSpec
+from kd_cluster.storage import is_remote, storage_options
+from kd_cluster.train import LocalSession, StagePlan, plan_job, run_stage, stage_done
+
+
+@dataclass
+class JobResult:
+    """Per-stage outcome of a job run (read back from each stage's completion marker)."""
+
+    run: str
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    from kd_cluster.cluster.ray_session import RaySession
+
+    run_stage(config["plan"], RaySession())
+
+
+def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
+    """Ray's (storage_path, storage_filesystem) for a local folder or any fsspec URL."""
+    if not is_remote(root):
+        return root, None
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(root, **storage_options(root, endpoint))
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster (address or RAY_ADDRESS) or start a local one sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+
+
+def fit_stage_ray(plan: StagePlan) -> None:
+    """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec = plan.spec
+    res = spec.resources
+    root = plan.stage_url.rsplit("/", 1)[0]
+    path, fs = _storage_for_ray(root, spec.storage.endpoint_url)
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"plan": plan},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker}),
+        run_config=RunConfig(name=plan.stage, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints)),
+    )
+    trainer.fit()
+
+
+def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | None = None,
+            on_stage: Any = None) -> JobResult:
+    """Run every unfinished stage of a job in order; a re-run resumes the unfinished stage."""
+    t0 = time.perf_counter()
+    plans = plan_job(spec, source, check_data="all")
+    result = JobResult(run=spec.name)
+    for plan in plans:
+        marker = stage_done(plan)
+        if marker is not None:
+            result.stages[plan.stage] = marker
+            result.skipped.append(plan.stage)
+            continue
+        if on_stage:
+            on_stage(plan)
+        if use_ray:
+            need = int(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker + 0.999)
+            ensure_ray(address, max(need, os.cpu_count() or 1))
+            fit_stage_ray(plan)
+        else:
+            if plan.spec.resources.num_workers != 1:
+                print(f"[{plan.stage}] --no-ray runs one process: resources.num_workers "
+                      f"{plan.spec.resources.num_workers} -> 1 (global batch unchanged)")
+                plan.spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(
+                    update={"num_workers": 1})})
+            run_stage(plan, LocalSession(plan.stage_url, plan.spec.storage.endpoint_url,
+                                         plan.spec.schedule.keep_checkpoints))
+        marker = stage_done(plan)
+        assert marker is not None, f"stage {plan.stage} finished without its completion marker"
+        result.stages[plan.stage] = marker
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+__all__ = ["JobResult", "ensure_ray", "fit_stage_ray", "run_job"]

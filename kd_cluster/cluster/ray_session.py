@@ -1,0 +1,33 @@
+"""The Ray Train side of a training worker: a :class:`~kd_cluster.train.Session` over ``ray.train``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+
+
+class RaySession:
+    """Rank, device and checkpoints from Ray Train (checkpoints persist to the RunConfig storage)."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.interactive = False  # output is forwarded line by line to the driver
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def save_checkpoint(self, local_dir: Path, step: int, metrics: dict[str, float]) -> None:
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)))

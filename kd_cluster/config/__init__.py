@@ -1,0 +1,13 @@
+"""Job spec: typed config loaded from YAML. Imports neither torch nor ray."""
+
+from kd_cluster.config.loader import (SpecError, apply_overrides, deep_merge, load_job, load_raw,
+                                      stage_spec, stages_of, validate_spec)
+from kd_cluster.config.spec import (AugmentSpec, DataSpec, JobSpec, MethodSpec, ModelSpec, NormalizeSpec,
+                                    OptimizerSpec, ResourcesSpec, ScheduleSpec, StageSpec, StorageSpec,
+                                    TeacherSpec, TelemetrySpec)
+
+__all__ = [
+    "AugmentSpec", "DataSpec", "JobSpec", "MethodSpec", "ModelSpec", "NormalizeSpec", "OptimizerSpec",
+    "ResourcesSpec", "ScheduleSpec", "SpecError", "StageSpec", "StorageSpec", "TeacherSpec", "TelemetrySpec",
+    "apply_overrides", "deep_merge", "load_job", "load_raw", "stage_spec", "stages_of", "validate_spec",
+]

@@ -1,0 +1,235 @@
+"""The job spec: typed, validated models of a job file. No torch, no ray here.
+
+Every model forbids unknown keys, so a typo is an error that names the field, never a setting that is
+silently ignored. Cross-field rules that need only the spec live in validators here; rules that need
+the model registry, the method registry or the data (shards exist, names known) are checked by
+``kd_cluster.train.plan`` before anything is started.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Strict):
+    """A network, built by name from the model registry."""
+
+    arch: str = Field(description="Model name: a small CNN (cnn_xs, cnn_s, cnn_m, cnn_l), a torchvision "
+                      "classifier (resnet18, resnet50, ...) or a timm model as 'timm:<name>'.")
+    weights: str | None = Field(None, description="Weights to load: a local path or any fsspec URL "
+                                "(.safetensors, or a torch state dict loaded with weights_only=True), "
+                                "or 'stage:<name>' for the model a previous stage of this job trained.")
+
+
+class TeacherSpec(ModelSpec):
+    """The frozen teacher."""
+
+    placement: Literal["colocated"] = Field("colocated", description="Where the teacher runs. "
+                                            "'colocated': on each training worker's device.")
+
+
+class MethodSpec(BaseModel):
+    """The distillation method: ``name`` plus that method's own settings.
+
+    The method's settings are validated against the method's own config by the method registry,
+    so the allowed keys are listed per method there.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="Method name, e.g. kd, funmatch, fixed_teacher, independent_views, supervised.")
+
+    def params(self) -> dict[str, Any]:
+        """The method's own settings (everything but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+class NormalizeSpec(Strict):
+    """Per-channel input normalisation applied on the device after mixup-free uint8 transfer."""
+
+    mean: list[float] = Field(description="Per-channel mean in [0, 1] units.")
+    std: list[float] = Field(description="Per-channel standard deviation in [0, 1] units.")
+
+
+class DataSpec(Strict):
+    """Where the shards are and how batches are formed."""
+
+    train: str = Field(description="Train manifest: a manifest.json URL/path, its folder, or "
+                       "'builtin://mnist5k/train'.")
+    val: str | None = Field(None, description="Validation manifest (same forms as train); no eval when unset.")
+    image_size: int = Field(224, ge=8, le=1024, description="Side length of the crops fed to the models.")
+    batch_size: int = Field(256, ge=1, description="GLOBAL batch size, split evenly over the workers.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Per-worker eval batch size (default: the "
+                                        "per-worker train batch size).")
+    loader_workers: int = Field(2, ge=0, le=64, description="Decode processes per training worker. Part of "
+                                "the data cursor: keep it fixed for a run.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// shard URLs "
+                                     "(credentials always come from the environment).")
+    normalize: NormalizeSpec | None = Field(None, description="Input normalisation; default ImageNet "
+                                            "statistics for RGB, mean 0.5 / std 0.5 for grayscale.")
+
+
+class AugmentSpec(Strict):
+    """Train-time augmentation: Inception crop, flip, batch mixup."""
+
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Area range of the random-resized crop.")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Aspect-ratio range of the crop.")
+    flip: bool = Field(True, description="Random horizontal flip (turn off for digits and text).")
+    mixup_alpha: float = Field(0.0, ge=0.0, description="Batch mixup: lambda ~ Beta(a, a) folded to "
+                               "max(l, 1-l), one per batch, partner = batch rolled by one. 0 disables.")
+    eval_resize_ratio: float = Field(256 / 224, ge=1.0, description="Eval: resize the shorter side to "
+                                     "image_size * ratio, then center-crop image_size.")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"must be two numbers 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_max_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1.0:
+            raise ValueError(f"area fractions cannot exceed 1.0, got {list(v)}")
+        return v
+
+
+class ScheduleSpec(Strict):
+    """How long to train and how often to log, evaluate and checkpoint (all in steps)."""
+
+    steps: int | None = Field(None, ge=1, description="Total optimizer steps. Give steps or epochs.")
+    epochs: float | None = Field(None, gt=0, description="Total epochs over the train split; converted to "
+                                 "steps from the manifest's sample count and the global batch size.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up from 0.")
+    decay: Literal["cosine", "constant"] = Field("cosine", description="LR decay after warm-up.")
+    log_every: int = Field(20, ge=1, description="Steps between metric logs (the only host syncs).")
+    eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and always at the end).")
+    checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and always at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "ScheduleSpec":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        return self
+
+
+class OptimizerSpec(Strict):
+    """Optimizer and the clipping applied before each step."""
+
+    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd.")
+    lr: float = Field(gt=0, description="Peak learning rate (at base_batch_size when that is set).")
+    base_batch_size: int | None = Field(None, ge=1, description="Linear LR scaling: the LR used is "
+                                        "lr * data.batch_size / base_batch_size. Unset: lr as given.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (adamw) or L2 (sgd); applied "
+                                "to weight matrices and conv kernels only, not to biases and norm scales.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw betas.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum.")
+    nesterov: bool = Field(True, description="sgd Nesterov momentum.")
+    grad_clip_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+
+
+class ResourcesSpec(Strict):
+    """What each training worker gets."""
+
+    num_workers: int = Field(2, ge=1, description="Training workers (DDP ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; bf16 autocast when amp is on.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (Ray resources).")
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    channels_last: bool = Field(False, description="channels_last memory format on GPU.")
+
+
+class StorageSpec(Strict):
+    """Where checkpoints and stage artifacts go."""
+
+    path: str = Field("./runs", description="Local folder or any fsspec URL (s3://bucket/prefix).")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// paths; credentials "
+                                     "always come from the environment, never from the spec.")
+
+
+class TelemetrySpec(Strict):
+    """Metrics: W&B (rank 0), terminal progress, local JSONL."""
+
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto: online "
+                                                                         "when WANDB_API_KEY is set, else offline.")
+    wandb_project: str = Field("kd-cluster", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team); default: the key's user.")
+    wandb_dir: str = Field("./.kd_cluster/wandb", description="Local folder for W&B run files.")
+    progress: bool = Field(True, description="Terminal progress on rank 0.")
+
+
+class StageSpec(Strict):
+    """One stage of a multi-stage job; ``set`` overrides the job's sections for this stage only."""
+
+    name: str = Field(description="Stage name; its artifact is referenced as 'stage:<name>'.")
+    trains: Literal["student", "teacher"] = Field("student", description="Which model this stage trains. "
+                                                  "'teacher' trains the teacher spec from scratch (or its weights).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Section overrides for this stage, "
+                                "e.g. {method: {name: supervised}, schedule: {steps: 300}}.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError(f"stage name {v!r} must match {RUN_NAME_RE.pattern}")
+        return v
+
+    @field_validator("set")
+    @classmethod
+    def _set_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"teacher", "student", "method", "data", "augment", "schedule", "optimizer", "resources"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"cannot override {bad} in a stage; allowed: {sorted(allowed)}")
+        return v
+
+
+class JobSpec(Strict):
+    """A whole job file."""
+
+    name: str = Field(description="Run name: checkpoints live under storage.path/<name>; running a job "
+                      "with the same name resumes it. Also the W&B run id.")
+    seed: int = Field(0, ge=0, description="Seed of everything: init, data order, augmentation, mixup.")
+    teacher: TeacherSpec | None = Field(None, description="The frozen teacher (methods that need one).")
+    student: ModelSpec = Field(description="The model being trained.")
+    method: MethodSpec = Field(description="Distillation method and its settings.")
+    data: DataSpec
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    schedule: ScheduleSpec
+    optimizer: OptimizerSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
+    stages: list[StageSpec] = Field(default_factory=list, description="Optional stages run in order; "
+                                    "empty = one stage named 'main' with the sections as given.")
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError(f"run name {v!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+                             "and start with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        if self.data.batch_size % self.resources.num_workers:
+            raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                             f"resources.num_workers ({self.resources.num_workers})")
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stages: duplicate stage names {dup}")
+        return self

@@ -1,0 +1,60 @@
+"""Optimizers and learning-rate schedules, built from the optimizer and schedule sections only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kd_cluster.config import OptimizerSpec
+
+
+def effective_lr(spec: OptimizerSpec, global_batch_size: int) -> float:
+    """The peak LR after linear batch-size scaling (when ``base_batch_size`` is set)."""
+    if spec.base_batch_size is None:
+        return spec.lr
+    return spec.lr * global_batch_size / spec.base_batch_size
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two groups: weight matrices and kernels get weight decay; biases and norm scales do not."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(spec: OptimizerSpec, modules: Iterable[nn.Module], global_batch_size: int) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters of ``modules``."""
+    lr = effective_lr(spec, global_batch_size)
+    groups = param_groups(modules, spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=spec.betas)
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    raise AssertionError(f"unhandled optimizer {spec.name}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str) -> float:
+    """Multiplier of the peak LR at ``step``: linear warm-up from 0, then cosine to 0 or constant."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                   decay: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step (its state is just the step counter)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, decay))
+
+
+__all__ = ["build_optimizer", "build_schedule", "effective_lr", "lr_factor", "param_groups"]

@@ -1,0 +1,175 @@
+"""Checkpoints and artifacts over fsspec (local folders, s3://, gs://, ...), with an atomic "latest".
+
+Credentials never pass through here: s3fs/botocore read them from the environment. Only the
+endpoint of an S3-compatible store is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def storage_options(url: str, endpoint_url: str | None) -> dict[str, Any]:
+    """fsspec options for ``url``: the custom S3 endpoint when one is given (or in AWS_ENDPOINT_URL)."""
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs with a scheme other than file://."""
+    return "://" in url and not url.startswith("file://")
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (workers may run in another directory); URLs unchanged."""
+    if is_remote(url) or url.startswith("builtin://"):
+        return url
+    return str(Path(url.removeprefix("file://")).expanduser().resolve())
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path segments onto a local path or a URL."""
+    if is_remote(url):
+        return posixpath.join(url, *parts)
+    return str(Path(url, *parts))
+
+
+class Store:
+    """A folder on any fsspec filesystem with atomic small-file writes."""
+
+    def __init__(self, root: str, endpoint_url: str | None = None) -> None:
+        self.root = absolute(root)
+        self.fs, self.path = url_to_fs(self.root, **storage_options(self.root, endpoint_url))
+        self.local = not is_remote(self.root)
+
+    def url(self, *parts: str) -> str:
+        """The URL of a file under the root."""
+        return join(self.root, *parts)
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts) if parts else self.path
+
+    def exists(self, *parts: str) -> bool:
+        """Whether a file or folder exists under the root."""
+        return self.fs.exists(self._p(*parts))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file so that readers see either the old or the complete new content."""
+        target = self._p(rel)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if self.local:
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:  # one PUT: object stores publish an object only when it is complete
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """Read a whole file."""
+        return self.fs.cat_file(self._p(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Atomic JSON write."""
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        """Read a JSON file."""
+        return json.loads(self.read_bytes(rel))
+
+    def upload_dir(self, local_dir: Path, rel: str) -> None:
+        """Copy a local folder's files to ``rel`` (overwriting)."""
+        for f in sorted(Path(local_dir).rglob("*")):
+            if f.is_file():
+                self.write_bytes(posixpath.join(rel, f.relative_to(local_dir).as_posix()), f.read_bytes())
+
+    def download_dir(self, rel: str, local_dir: Path) -> None:
+        """Copy every file under ``rel`` into a local folder."""
+        base = self._p(rel)
+        for f in self.fs.find(base):
+            out = Path(local_dir, posixpath.relpath(f, base))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(self.fs.cat_file(f))
+
+    def remove(self, rel: str) -> None:
+        """Remove a file or folder if it exists."""
+        if self.fs.exists(self._p(rel)):
+            self.fs.rm(self._p(rel), recursive=True)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (empty when it does not exist)."""
+        p = self._p(rel) if rel else self.path
+        if not self.fs.exists(p):
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in self.fs.ls(p, detail=False))
+
+
+class CheckpointStore:
+    """Step-numbered checkpoint folders plus a ``latest`` pointer written last.
+
+    A checkpoint is uploaded completely under ``step_<n>/`` before ``latest`` names it, so a reader
+    following ``latest`` never sees a partial checkpoint. Older folders are pruned after the pointer
+    moves.
+    """
+
+    def __init__(self, store: Store, prefix: str = "checkpoints") -> None:
+        self.store = store
+        self.prefix = prefix
+
+    def save(self, local_dir: Path, step: int, keep: int) -> str:
+        """Upload ``local_dir`` as the checkpoint of ``step``, point ``latest`` at it, prune; returns its URL."""
+        name = f"step_{step:09d}"
+        self.store.upload_dir(local_dir, posixpath.join(self.prefix, name))
+        self.store.write_json(posixpath.join(self.prefix, "latest.json"), {"step": step, "dir": name})
+        for old in self.steps()[:-keep]:
+            self.store.remove(posixpath.join(self.prefix, f"step_{old:09d}"))
+        return self.store.url(self.prefix, name)
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint folders present (complete or not), ascending."""
+        return sorted(int(n[5:]) for n in self.store.listdir(self.prefix) if n.startswith("step_") and n[5:].isdigit())
+
+    def latest(self) -> int | None:
+        """The step ``latest`` points at, or None."""
+        rel = posixpath.join(self.prefix, "latest.json")
+        if not self.store.exists(rel):
+            return None
+        return int(self.store.read_json(rel)["step"])
+
+    def fetch(self, step: int, local_dir: Path) -> None:
+        """Download the checkpoint of ``step`` into ``local_dir``."""
+        self.store.download_dir(posixpath.join(self.prefix, f"step_{step:09d}"), local_dir)
+
+
+def local_copy_dir() -> Path:
+    """A fresh temporary folder for staging checkpoint files."""
+    return Path(tempfile.mkdtemp(prefix="kdc-ckpt-"))
+
+
+def remove_local(path: Path) -> None:
+    """Remove a local staging folder."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def open_url(url: str, mode: str = "rb", endpoint_url: str | None = None):  # noqa: ANN201 - fsspec file
+    """Open any fsspec URL with the endpoint options applied."""
+    return fsspec.open(url, mode, **storage_options(url, endpoint_url))
+
+
+__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "local_copy_dir", "open_url",
+           "remove_local", "storage_options"]

@@ -1,0 +1,289 @@
+"""The training loop of one worker. Runs the same with Ray Train (DDP over gloo/NCCL) and without Ray.
+
+Reads top to bottom: build -> restore -> for each step: batch, forward(s), method loss terms,
+backward, step -> log / eval / checkpoint. The only host syncs are at log, eval and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
+from kd_cluster.methods import Method, StepOutputs, build_method
+from kd_cluster.models import build_model, load_weights, save_weights
+from kd_cluster.optim import build_optimizer, build_schedule
+from kd_cluster.storage import Store, local_copy_dir, remove_local, storage_options
+from kd_cluster.teacher import ColocatedTeacher
+from kd_cluster.telemetry import Fanout, JsonlSink, NullSink, Progress, Sink, WandbSink, resolve_wandb_mode
+from kd_cluster.train.plan import StagePlan
+from kd_cluster.train.session import Session
+from kd_cluster.train.state import load_state, save_state
+
+VIEWS = {"same": ("aug",), "center": ("aug", "center"), "independent": ("aug", "aug2")}
+
+
+@dataclass
+class StageResult:
+    """What a finished (or stopped) stage reports back to the driver."""
+
+    stage: str
+    steps: int
+    resumed_from: int = 0
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+    wall_s: float = 0.0
+    wandb_dir: str | None = None
+    wandb_url: str | None = None
+
+
+class Normalizer(nn.Module):
+    """uint8 NCHW on the device -> normalised float; the loader never builds float pixels."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(std).view(1, -1, 1, 1) * 255.0), persistent=False)
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=self.fmt)
+
+
+def default_normalization(channels: int) -> tuple[list[float], list[float]]:
+    """ImageNet statistics for RGB, 0.5/0.5 for grayscale."""
+    if channels == 3:
+        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    return [0.5] * channels, [0.5] * channels
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch and Python's RNGs (data randomness has its own generators)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def _reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, teacher: ColocatedTeacher | None, loader: Any, norm: Normalizer,
+             device: torch.device, world: int, amp: torch.dtype | None) -> dict[str, float]:
+    """Student top-1/top-5, teacher top-1 and student-teacher agreement over the val split (all ranks)."""
+    model.eval()
+    acc = torch.zeros(5, device=device, dtype=torch.float64)  # top1, top5, teacher top1, agreement, n
+    ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    for batch in loader:
+        x = norm(batch["image"].to(device, non_blocking=True))
+        y = batch["label"].to(device, non_blocking=True)
+        with ctx:
+            logits = model(x)
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        acc[0] += (topk[:, 0] == y).sum()
+        acc[1] += (topk == y[:, None]).any(dim=1).sum()
+        if teacher is not None:
+            t_pred = teacher.logits(x).argmax(dim=1)
+            acc[2] += (t_pred == y).sum()
+            acc[3] += (t_pred == topk[:, 0]).sum()
+        acc[4] += y.numel()
+    model.train()
+    top1, top5, t1, agree, n = _reduce_sum(acc, world).tolist()
+    n = max(n, 1.0)
+    out = {"eval/student_top1": top1 / n, "eval/student_top5": top5 / n}
+    if teacher is not None:
+        out |= {"eval/teacher_top1": t1 / n, "eval/agreement": agree / n}
+    return out
+
+
+def _sinks(plan: StagePlan, session: Session, start_step: int) -> tuple[Sink, WandbSink | None]:
+    if session.rank != 0:
+        return NullSink(), None
+    spec = plan.spec
+    tel = spec.telemetry
+    jsonl_dir = Path(tel.wandb_dir).parent / "metrics" / plan.run
+    sinks: list[Sink] = [JsonlSink(jsonl_dir / f"{plan.stage}.jsonl", start_step)]
+    if tel.progress:
+        sinks.append(Progress(plan.stage, plan.total_steps, start_step, bar=session.interactive))
+    wb = None
+    if resolve_wandb_mode(tel) != "disabled":
+        wb = WandbSink(tel, plan.run, spec.model_dump(mode="json"), plan.step_offset)
+    return Fanout(sinks, [wb] if wb else [], plan.stage), wb
+
+
+def run_stage(plan: StagePlan, session: Session) -> StageResult:
+    """Train one stage to ``plan.total_steps`` (resuming from the session's latest checkpoint)."""
+    spec, rank, world, device = plan.spec, session.rank, session.world_size, session.device
+    t_start = time.perf_counter()
+    opts = storage_options(plan.train_manifest, spec.data.endpoint_url)
+    train_manifest = load_manifest(plan.train_manifest, opts)
+    on_gpu = device.type == "cuda"
+    amp = torch.bfloat16 if (on_gpu and spec.resources.amp) else None
+    channels_last = on_gpu and spec.resources.channels_last
+
+    seed_all(spec.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    model = build_model(plan.arch, num_classes=plan.num_classes, in_chans=plan.channels)
+    if plan.weights:
+        load_weights(model, plan.weights, storage_options=storage_options(plan.weights, spec.storage.endpoint_url))
+    method: Method = build_method(spec.method.name, spec.method.params())
+    needs = method.needs
+    teacher = None
+    if needs.teacher and plan.teacher_arch:
+        t_model = build_model(plan.teacher_arch, num_classes=plan.num_classes, in_chans=plan.channels)
+        load_weights(t_model, plan.teacher_weights,
+                     storage_options=storage_options(plan.teacher_weights, spec.storage.endpoint_url))
+        teacher = ColocatedTeacher(t_model, device, amp, channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    method.to(device)
+    optimizer = build_optimizer(spec.optimizer, [model, method], spec.data.batch_size)
+    sched = build_schedule(optimizer, plan.total_steps, spec.schedule.warmup_steps, spec.schedule.decay)
+
+    start_step, meta = 0, {}
+    seed_all(spec.seed * 1_000_003 + rank)  # per-rank stochasticity (dropout), restored from checkpoints
+    with session.restore() as ckpt:
+        if ckpt is not None:
+            start_step, meta = load_state(ckpt, rank, model=model, method=method, optimizer=optimizer, scheduler=sched)
+    if start_step and rank == 0:
+        print(f"[{plan.stage}] resumed from checkpoint at step {start_step}", flush=True)
+    if meta and meta.get("loader_workers") != spec.data.loader_workers:
+        raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
+                         f"{spec.data.loader_workers}; the data cursor of run {plan.run!r} depends on it")
+
+    net = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    mean, std = (spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize else default_normalization(plan.channels)
+    norm = Normalizer(mean, std, channels_last).to(device)
+    aug = AugmentParams(image_size=spec.data.image_size, crop_scale=tuple(spec.augment.crop_scale),
+                        crop_ratio=tuple(spec.augment.crop_ratio), flip=spec.augment.flip,
+                        eval_resize_ratio=spec.augment.eval_resize_ratio, channels=plan.channels)
+    per_rank = spec.data.batch_size // world
+    views = VIEWS[needs.teacher_view] if teacher is not None else ("aug",)
+    stream = TrainStream(train_manifest, batch_size=per_rank, seed=spec.seed, rank=rank, world_size=world,
+                         num_workers=spec.data.loader_workers, start_step=start_step, augment=aug, views=views,
+                         storage_options=opts)
+    loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers, pin_memory=on_gpu))
+    val_manifest = load_manifest(plan.val_manifest, opts) if plan.val_manifest else None
+
+    def eval_now() -> dict[str, float]:
+        if val_manifest is None:
+            return {}
+        ev = EvalStream(val_manifest, batch_size=spec.data.eval_batch_size or per_rank, rank=rank,
+                        world_size=world, augment=aug, storage_options=opts)
+        ev_loader = torch.utils.data.DataLoader(ev, batch_size=None, num_workers=min(1, spec.data.loader_workers))
+        return evaluate(model, teacher, ev_loader, norm, device, world, amp)
+
+    sink, wb = _sinks(plan, session, start_step)
+    sched_spec = spec.schedule
+    ckpt_every = sched_spec.checkpoint_every or plan.total_steps
+    eval_every = sched_spec.eval_every or plan.total_steps
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    term_sums: torch.Tensor | None = None
+    term_names: list[str] = []
+    window_t0, window_steps, data_wait, corrupt = time.perf_counter(), 0, 0.0, 0
+    rate, last_metrics = 0.0, {}
+    net.train()
+    loop_t0 = time.perf_counter()
+    for step in range(start_step, plan.total_steps):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        data_wait += time.perf_counter() - t0
+        corrupt += batch["corrupt"]
+        lam = mixup_lambda(spec.seed, step, spec.augment.mixup_alpha)
+        x = norm(batch["image"].to(device, non_blocking=True))
+        x = mixup(x, lam) if lam < 1.0 else x
+        labels = batch["label"].to(device, non_blocking=True)
+        t_logits = None
+        if teacher is not None:
+            if "image_t" in batch:
+                xt = norm(batch["image_t"].to(device, non_blocking=True))
+                if needs.teacher_view == "independent" and lam < 1.0:
+                    xt = mixup(xt, lam)
+            else:
+                xt = x
+            t_logits = teacher.logits(xt)
+        with autocast:
+            s_logits = net(x)
+        terms = method(StepOutputs(student_logits=s_logits.float(), labels=labels, lam=lam,
+                                   teacher_logits=None if t_logits is None else t_logits.float()))
+        loss = torch.stack(list(terms.values())).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.optimizer.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.grad_clip_norm)
+        optimizer.step()
+        sched.step()
+
+        detached = torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+        term_sums = detached if term_sums is None else term_sums + detached
+        term_names = ["loss", *terms]
+        window_steps += 1
+        done = step + 1
+        last = done == plan.total_steps
+        if done % sched_spec.log_every == 0 or last:
+            sums = _reduce_sum(term_sums / (window_steps * world), world).tolist()  # the log-step sync
+            elapsed = time.perf_counter() - window_t0
+            rate = window_steps * spec.data.batch_size / max(elapsed, 1e-9)
+            metrics = dict(zip(term_names, sums))
+            metrics |= {"lr": sched.get_last_lr()[0], "images_per_s": rate,
+                        "data_wait_s_per_step": data_wait / window_steps, "corrupt_samples": float(corrupt),
+                        "mixup_lambda": lam}
+            if done % eval_every == 0 or last:
+                metrics |= eval_now()
+            sink.log(done, metrics)
+            last_metrics = metrics
+            term_sums, window_t0, window_steps, data_wait = None, time.perf_counter(), 0, 0.0
+        elif done % eval_every == 0:
+            ev = eval_now()
+            sink.log(done, ev)
+            last_metrics |= ev
+        if done % ckpt_every == 0 or last:
+            d = local_copy_dir()
+            try:
+                save_state(d, rank, step=done, model=model, method=method, optimizer=optimizer, scheduler=sched,
+                           meta={"run": plan.run, "stage": plan.stage, "loader_workers": spec.data.loader_workers,
+                                 "world_size": world, "wandb_id": plan.run, "spec": spec.model_dump_json()})
+                session.save_checkpoint(d, done, {k: v for k, v in last_metrics.items()})
+            finally:
+                remove_local(d)
+
+    steps_run = plan.total_steps - start_step
+    avg_rate = steps_run * spec.data.batch_size / max(time.perf_counter() - loop_t0, 1e-9) if steps_run else 0.0
+    if not last_metrics:  # resumed after the final checkpoint: nothing ran, but the stage still needs its result
+        last_metrics = eval_now()
+    result = StageResult(stage=plan.stage, steps=plan.total_steps, resumed_from=start_step, final_metrics=last_metrics, images_per_s=avg_rate,
+                         wall_s=time.perf_counter() - t_start, wandb_dir=getattr(wb, "dir", None),
+                         wandb_url=getattr(wb, "url", None))
+    sink.close()
+    if rank == 0:
+        _publish(plan, model, result)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _publish(plan: StagePlan, model: nn.Module, result: StageResult) -> None:
+    """Write the stage's artifact (weights), then its completion marker, which makes the stage final."""
+    opts = storage_options(plan.artifact_url, plan.spec.storage.endpoint_url)
+    save_weights(model, plan.artifact_url, storage_options=opts)
+    Store(plan.stage_url, plan.spec.storage.endpoint_url).write_json(
+        "stage.json", {**asdict(result), "arch": plan.arch, "artifact": plan.artifact_url})
+
+
+def stage_done(plan: StagePlan) -> dict[str, Any] | None:
+    """The completion marker of a finished stage, or None."""
+    store = Store(plan.stage_url, plan.spec.storage.endpoint_url)
+    return store.read_json("stage.json") if store.exists("stage.json") else None
+
+
+__all__ = ["StageResult", "default_normalization", "evaluate", "run_stage", "stage_done"]

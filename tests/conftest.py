@@ -1,0 +1,77 @@
+"""Shared fixtures: one builtin-data cache and one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All builtin datasets of the session go to one temporary cache (set before Ray starts)."""
+    d = tmp_path_factory.mktemp("kdc-cache")
+    os.environ["KD_CLUSTER_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(builtin_cache: Path) -> Iterator[str]:
+    """One local Ray instance for every Ray test of the session; yields its GCS address."""
+    import ray
+
+    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "teacher": {"arch": "cnn_s", "weights": "stage:teacher"},
+    "student": {"arch": "cnn_xs"},
+    "method": {"name": "funmatch"},
+    "data": {"train": "builtin://mnist5k/train", "val": "builtin://mnist5k/val", "image_size": 28,
+             "batch_size": 32, "loader_workers": 1},
+    "augment": {"crop_scale": [0.5, 1.0], "flip": False, "mixup_alpha": 1.0, "eval_resize_ratio": 1.0},
+    "schedule": {"steps": 8, "warmup_steps": 2, "log_every": 2, "eval_every": 8, "checkpoint_every": 4},
+    "optimizer": {"name": "adamw", "lr": 0.003},
+    "resources": {"num_workers": 2},
+    "telemetry": {"wandb_mode": "disabled", "progress": True},
+    "stages": [
+        {"name": "teacher", "trains": "teacher",
+         "set": {"method": {"name": "supervised"}, "augment": {"mixup_alpha": 0.0}, "schedule": {"steps": 6}}},
+        {"name": "distill"},
+    ],
+}
+
+
+@pytest.fixture
+def tiny_job(tmp_path: Path) -> Any:
+    """Write a tiny mnist5k job (storage and telemetry under tmp_path); returns a writer taking section updates."""
+
+    def write(name: str = "tiny", **sections: Any) -> Path:
+        d = copy.deepcopy(TINY)
+        d["name"] = name
+        d["storage"] = {"path": str(tmp_path / "runs")}
+        d["telemetry"]["wandb_dir"] = str(tmp_path / "tel" / "wandb")
+        for k, v in sections.items():
+            if isinstance(v, dict) and isinstance(d.get(k), dict):
+                d[k] = {**d[k], **v}
+            else:
+                d[k] = v
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        return p
+
+    return write

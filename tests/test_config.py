@@ -1,0 +1,191 @@
+"""Job spec: every file in jobs/ validates; malformed specs give errors that name file, field and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_cluster.config import SpecError, load_job, stage_spec
+from kd_cluster.train import plan_job
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = sorted(p for p in (ROOT / "jobs").rglob("*.yaml") if "base" not in p.parts)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[str(p.relative_to(ROOT)) for p in JOBS])
+def test_every_job_file_validates(job: Path) -> None:
+    spec = load_job(job)
+    plans = plan_job(spec, str(job), check_data="none")
+    assert plans and all(p.stage for p in plans)
+
+
+GOOD = {
+    "name": "t",
+    "student": {"arch": "cnn_xs"},
+    "method": {"name": "supervised"},
+    "data": {"train": "builtin://mnist5k/train", "image_size": 28, "batch_size": 8, "loader_workers": 0},
+    "schedule": {"steps": 2},
+    "optimizer": {"lr": 0.01},
+    "resources": {"num_workers": 1},
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "job.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _err(tmp_path: Path, data: dict, overrides: list[str] | None = None, plan: bool = False) -> str:
+    p = _write(tmp_path, data)
+    with pytest.raises(SpecError) as ei:
+        spec = load_job(p, overrides)
+        if plan:
+            plan_job(spec, str(p), check_data="local")
+    msg = str(ei.value)
+    assert str(p) in msg or "command line" in msg
+    return msg
+
+
+def _with(**sections) -> dict:
+    import copy
+
+    d = copy.deepcopy(GOOD)
+    for k, v in sections.items():
+        if v is None:
+            d.pop(k, None)
+        elif isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return d
+
+
+def test_good_spec_loads(tmp_path: Path) -> None:
+    spec = load_job(_write(tmp_path, GOOD))
+    assert spec.student.arch == "cnn_xs" and spec.schedule.steps == 2
+
+
+def test_unknown_top_level_key_lists_allowed(tmp_path: Path) -> None:
+    msg = _err(tmp_path, {**GOOD, "studnet": {"arch": "x"}})
+    assert "studnet: unknown field" in msg and "did you mean 'student'" in msg and "optimizer" in msg
+
+
+def test_unknown_nested_key_names_dotted_field(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(optimizer={"lr": 0.1, "lrr": 0.2}))
+    assert "optimizer.lrr: unknown field" in msg and "grad_clip_norm" in msg
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(optimizer={"lr": "fast"}))
+    assert "optimizer.lr" in msg and "'fast'" in msg
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    assert "student: required field is missing" in _err(tmp_path, _with(student=None))
+
+
+def test_literal_choices_listed(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(optimizer={"name": "adagrad", "lr": 0.1}))
+    assert "optimizer.name" in msg and "'adamw'" in msg and "'sgd'" in msg
+
+
+def test_steps_and_epochs_exclusive(tmp_path: Path) -> None:
+    assert "exactly one of 'steps' or 'epochs'" in _err(tmp_path, _with(schedule={"steps": 3, "epochs": 1}))
+
+
+def test_batch_not_divisible_by_workers(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(data={"batch_size": 9}, resources={"num_workers": 2}))
+    assert "divisible" in msg
+
+
+def test_bad_run_name(tmp_path: Path) -> None:
+    assert "run name" in _err(tmp_path, _with(name="has space/slash"))
+
+
+def test_crop_scale_order(tmp_path: Path) -> None:
+    assert "augment.crop_scale" in _err(tmp_path, _with(augment={"crop_scale": [0.9, 0.1]}))
+
+
+def test_unknown_model_suggests(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(student={"arch": "resnet5"}), plan=True)
+    assert "student.arch" in msg and "resnet5" in msg and "resnet50" in msg
+
+
+def test_unknown_method_lists_known(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(method={"name": "funmatsh"}), plan=True)
+    assert "unknown method 'funmatsh'" in msg and "funmatch" in msg and "kd" in msg
+
+
+def test_unknown_method_setting_lists_allowed(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(method={"name": "kd", "temp": 3}, teacher={"arch": "cnn_s", "weights": "/x"}), plan=True)
+    assert "method.temp" in msg and "temperature" in msg and "alpha" in msg
+
+
+def test_method_needing_teacher_without_one(tmp_path: Path) -> None:
+    assert "needs a teacher" in _err(tmp_path, _with(method={"name": "funmatch"}), plan=True)
+
+
+def test_missing_local_shards(tmp_path: Path) -> None:
+    msg = _err(tmp_path, _with(data={"train": str(tmp_path / "nope" / "manifest.json")}), plan=True)
+    assert "data.train" in msg and "nope" in msg
+
+
+def test_stage_reference_must_exist(tmp_path: Path) -> None:
+    d = _with(teacher={"arch": "cnn_s", "weights": "stage:techer"}, method={"name": "funmatch"},
+              stages=[{"name": "teacher", "trains": "teacher", "set": {"method": {"name": "supervised"}}},
+                      {"name": "distill"}])
+    msg = _err(tmp_path, d, plan=True)
+    assert "stage:techer" in msg and "earlier stages: teacher" in msg
+
+
+def test_stage_override_errors_are_located(tmp_path: Path) -> None:
+    d = _with(stages=[{"name": "a", "set": {"schedule": {"stepz": 3}}}])
+    assert "stages[0].set.schedule.stepz: unknown field" in _err(tmp_path, d)
+
+
+def test_yaml_is_data_not_code(tmp_path: Path) -> None:
+    p = tmp_path / "job.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_job(p)
+
+
+def test_extends_and_overrides(tmp_path: Path) -> None:
+    _write(tmp_path, GOOD, "base.yaml")
+    child = _write(tmp_path, {"extends": "base.yaml", "optimizer": {"lr": 0.5}}, "child.yaml")
+    spec = load_job(child, ["schedule.steps=7", "data.image_size=32", "optimizer.betas=[0.8, 0.9]"])
+    assert spec.optimizer.lr == 0.5 and spec.schedule.steps == 7 and spec.data.image_size == 32
+    assert spec.optimizer.betas == (0.8, 0.9) and spec.student.arch == "cnn_xs"
+
+
+def test_extends_cycle(tmp_path: Path) -> None:
+    _write(tmp_path, {"extends": "b.yaml"}, "a.yaml")
+    _write(tmp_path, {"extends": "a.yaml"}, "b.yaml")
+    with pytest.raises(SpecError, match="cycle"):
+        load_job(tmp_path / "a.yaml")
+
+
+def test_override_of_stage_by_name(tmp_path: Path) -> None:
+    d = _with(stages=[{"name": "a", "set": {"schedule": {"steps": 3}}}])
+    spec = load_job(_write(tmp_path, d), ["stages.a.set.schedule.steps=5"])
+    assert stage_spec(spec, spec.stages[0]).schedule.steps == 5
+
+
+def test_bad_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="key.sub=value"):
+        load_job(_write(tmp_path, GOOD), ["optimizer.lr"])
+
+
+def test_cli_validate_exit_codes(tmp_path: Path) -> None:
+    bad = _write(tmp_path, _with(optimizer={"lr": 0.1, "lrr": 1}))
+    r = subprocess.run([sys.executable, "-m", "kd_cluster.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "optimizer.lrr" in r.stderr
+    good = _write(tmp_path, GOOD, "good.yaml")
+    r = subprocess.run([sys.executable, "-m", "kd_cluster.cli", "validate", str(good), "schedule.steps=4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
