@@ -28,7 +28,8 @@ def ray_cluster(builtin_cache: Path) -> Iterator[str]:
     """One local Ray instance for every Ray test of the session; yields its GCS address."""
     import ray
 
-    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                   logging_level="WARNING")
     try:
         yield ctx.address_info["gcs_address"]
     finally:

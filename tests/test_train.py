@@ -54,8 +54,9 @@ def test_ray_two_workers_ddp(ray_cluster: str, tiny_job, tmp_path: Path) -> None
     res = run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
     assert set(res.stages) == {"teacher", "distill"}
     d = tmp_path / "runs" / "ray2" / "distill"
-    assert any(p.name.startswith("checkpoint_") for p in d.iterdir())  # persisted through Ray Train
-    ckpt = sorted(p for p in d.iterdir() if p.name.startswith("checkpoint_"))[-1]
+    ckpts = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert ckpts  # persisted through Ray Train
+    ckpt = ckpts[-1]
     assert {"state.pt", "rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in ckpt.iterdir()}
     log = _metrics(tmp_path, "ray2", "distill")
     assert [m["step"] for m in log] == [2, 4, 6, 8]

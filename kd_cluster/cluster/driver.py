@@ -54,13 +54,14 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
-                 logging_level="WARNING")
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; loopback only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
 
 
 def fit_stage_ray(plan: StagePlan) -> None:
     """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = plan.spec
@@ -75,7 +76,8 @@ def fit_stage_ray(plan: StagePlan) -> None:
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RunConfig(name=plan.stage, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()
 

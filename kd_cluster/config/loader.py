@@ -189,7 +189,10 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None) -
 def stage_spec(spec: JobSpec, stage: StageSpec) -> JobSpec:
     """The effective spec of one stage: the job's sections with the stage's ``set`` merged in."""
     base = spec.model_dump(mode="python", exclude={"stages"})
-    return JobSpec.model_validate(deep_merge(base, stage.set))
+    merged = deep_merge(base, stage.set)
+    if "method" in stage.set:  # a method's settings belong to that method: the stage's method replaces the job's
+        merged["method"] = copy.deepcopy(stage.set["method"])
+    return JobSpec.model_validate(merged)
 
 
 def stages_of(spec: JobSpec) -> list[StageSpec]:

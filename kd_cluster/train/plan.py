@@ -109,7 +109,8 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         if teacher_needed and eff.teacher is not None and eff.teacher.weights is None:
             problems.append(f"{at}teacher.weights: a frozen teacher needs weights (a URI, or 'stage:<name>' "
                             "of a stage that trains it)")
-        weights = resolve(trained.weights, "teacher" if stage.trains == "teacher" else "student")
+        own_output = trained.weights == f"{STAGE_REF}{stage.name}"  # the model this stage produces: start fresh
+        weights = None if own_output else resolve(trained.weights, "teacher" if stage.trains == "teacher" else "student")
 
         train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems)
         val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems)

@@ -1,0 +1,35 @@
+"""kd_cluster.data: sharded datasets (WebDataset tar + manifest on any fsspec URL) and deterministic streams.
+
+Writing: :func:`write_split`, :func:`build_imagefolder`, :func:`build_mnist5k`.
+Finding: :func:`load_manifest` (URL, folder, or ``builtin://mnist5k/train``).
+Reading: :class:`TrainStream` + :func:`make_train_loader`, :class:`EvalStream`; batch mixup with
+:func:`mixup_lambda` and :func:`mixup`. The determinism contract is in :mod:`kd_cluster.data.stream`.
+
+This package imports nothing from the rest of kd_cluster, and never ray or wandb.
+"""
+
+from .augment import AugmentParams, mixup, mixup_lambda
+from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
+from .errors import DataError
+from .manifest import Manifest, ShardInfo
+from .stream import EvalStream, TrainStream, make_train_loader
+from .writer import build_imagefolder, build_mnist5k, write_split
+
+__all__ = [
+    "AugmentParams",
+    "DataError",
+    "EvalStream",
+    "Manifest",
+    "ShardInfo",
+    "TrainStream",
+    "build_imagefolder",
+    "build_mnist5k",
+    "builtin_names",
+    "cache_dir",
+    "is_builtin",
+    "load_manifest",
+    "make_train_loader",
+    "mixup",
+    "mixup_lambda",
+    "write_split",
+]

