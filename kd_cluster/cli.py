@@ -136,17 +136,10 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(a: argparse.Namespace) -> int:
-    import importlib.util
+    from kd_cluster.data.bench import run
 
-    bench = Path(__file__).resolve().parent.parent / "tests" / "benchmarks" / "bench_data.py"
-    spec = importlib.util.spec_from_file_location("bench_data", bench)
-    if spec is None or not bench.exists():
-        err.print(f"error: benchmark script not found at {bench} (it ships with the source tree)")
-        return 1
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
     kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers)) if v}
-    res = mod.run(**kwargs)
+    res = run(**kwargs)
     console.print_json(json.dumps(res, default=str))
     return 0
 
@@ -207,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kd_cluster.config import SpecError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options (`run job.yaml --no-ray a.b=1`), which argparse leaves over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     user_errors: tuple[type[BaseException], ...] = (SpecError,)
     try:
         from kd_cluster.data import DataError

@@ -61,6 +61,7 @@ def _make_tree(root: Path, n_train: int = 10, n_val: int = 3, val_classes: list[
                 (d / f"img{i:03d}{ext}").write_bytes(_jpeg(seed))
                 seed += 1
         (root / split / "README.txt").write_text("not a class folder")
+        (root / split / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
     return root
 
 
@@ -98,7 +99,11 @@ def test_imagefolder_roundtrip(jpeg_tree: Path, tmp_path: Path) -> None:
     assert load_manifest(f"file://{out}/train").shards[0].url == f"file://{out}/train/train-000000.tar"
     assert not list(out.rglob("*.tmp-*"))
 
-    originals = {p.read_bytes(): (p.parent.name, p.parent.parent.name) for p in jpeg_tree.rglob("*.*") if p.suffix != ".txt"}
+    originals = {
+        p.read_bytes(): (p.parent.name, p.parent.parent.name)
+        for p in jpeg_tree.rglob("*.*")
+        if p.suffix in (".JPEG", ".jpg")
+    }
     for m in (train, val):
         samples = _raw_samples(m)
         assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(m.num_samples)]

@@ -134,7 +134,9 @@ def decode_views(
     if img.format == "JPEG":
         # Largest allowed reduction keeps >= image_size pixels across the smallest crop side of any view.
         reduction = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / params.image_size
-        request = (max(1, math.ceil(width / reduction)), max(1, math.ceil(height / reduction))) if reduction >= 2 else None
+        request = None
+        if reduction >= 2:
+            request = (max(1, math.ceil(width / reduction)), max(1, math.ceil(height / reduction)))
         drafted = img.draft(mode, request)
         if drafted is not None and drafted[1][2] != width:
             f = drafted[1][2] / width

@@ -155,7 +155,8 @@ def run(
         # Enough shards that every worker's split holds several.
         shard_size = max(1, n_images // (4 * max(1, workers)))
         t0 = time.perf_counter()
-        manifest = build_imagefolder(str(root), str(Path(tmp) / "shards"), shard_size=shard_size, progress=False)["train"]
+        shards_url = str(Path(tmp) / "shards")
+        manifest = build_imagefolder(str(root), shards_url, shard_size=shard_size, progress=False)["train"]
         t_shard = time.perf_counter() - t0
 
         stream = TrainStream(

@@ -126,7 +126,9 @@ def _decode_batch(
         n += 1
     if n == 0:
         urls = sorted({manifest.shards[s].url for s, _, _, _ in items})
-        raise DataError(f"every sample of a batch ({n_items} positions) is corrupt or missing; shards: {', '.join(urls)}")
+        raise DataError(
+            f"every sample of a batch ({n_items} positions) is corrupt or missing; shards: {', '.join(urls)}"
+        )
     batch: Batch = {
         "image": torch.from_numpy(images[0][:n]),
         "label": torch.from_numpy(labels[:n]),

@@ -113,7 +113,9 @@ def _tar_sample(sample: Any, index: int, num_classes: int, where: str) -> dict[s
     try:
         data, ext, label = sample
     except (TypeError, ValueError):
-        raise DataError(f"{where}: sample {index} must be (bytes, extension, label), got {type(sample).__name__}") from None
+        raise DataError(
+            f"{where}: sample {index} must be (bytes, extension, label), got {type(sample).__name__}"
+        ) from None
     stored_ext = IMAGE_EXTENSIONS.get(str(ext).lower())
     if stored_ext is None:
         raise DataError(f"{where}: sample {index} has extension {ext!r}; allowed: {sorted(IMAGE_EXTENSIONS)}")
@@ -155,8 +157,12 @@ def build_imagefolder(
         path = posixpath.join(root_path, split)
         if not fs.isdir(path):
             raise DataError(f"{join_url(root, split)}: missing folder (expected {split}/<class>/<images>)")
-        entries = fs.ls(path, detail=True)
-        return {posixpath.basename(e["name"].rstrip("/")): e["name"] for e in entries if e["type"] == "directory"}
+        dirs = {}
+        for e in fs.ls(path, detail=True):
+            cname = posixpath.basename(e["name"].rstrip("/"))
+            if e["type"] == "directory" and not cname.startswith("."):  # skip .ipynb_checkpoints and the like
+                dirs[cname] = e["name"]
+        return dirs
 
     train_dirs = class_dirs("train")
     classes = sorted(train_dirs)
@@ -180,7 +186,9 @@ def build_imagefolder(
             raise DataError(f"{join_url(root, split)}: no images (*.JPEG, *.jpg, *.jpeg, *.png) in any class folder")
         order = seeded_rng(SeedTag.IMAGEFOLDER_SHUFFLE, seed, split_no).permutation(len(files))
 
-        def samples(files: list[tuple[str, str, int]] = files, order: np.ndarray = order) -> Iterator[tuple[bytes, str, int]]:
+        def samples(
+            files: list[tuple[str, str, int]] = files, order: np.ndarray = order
+        ) -> Iterator[tuple[bytes, str, int]]:
             for i in order:
                 path, ext, label = files[i]
                 yield fs.cat_file(path), ext, label

@@ -56,7 +56,7 @@ class WandbSink:
         self.run.log(metrics, step=self.step_offset + step)
 
     def close(self) -> None:
-        self.run.finish(quiet=True)
+        self.run.finish()
 
 
 class JsonlSink:
@@ -101,7 +101,9 @@ class Progress:
             self.bar.update(step - self.last)
             self.bar.set_postfix_str(text, refresh=False)
         else:
-            print(f"[{self.stage}] step {step}/{self.total} {text}", flush=True)
+            # sys.stdout directly: Ray Train patches print() into its logger, which may echo it twice
+            sys.stdout.write(f"[{self.stage}] step {step}/{self.total} {text}\n")
+            sys.stdout.flush()
         self.last = step
 
     def close(self) -> None:

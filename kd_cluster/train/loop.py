@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         if ckpt is not None:
             start_step, meta = load_state(ckpt, rank, model=model, method=method, optimizer=optimizer, scheduler=sched)
     if start_step and rank == 0:
-        print(f"[{plan.stage}] resumed from checkpoint at step {start_step}", flush=True)
+        sys.stdout.write(f"[{plan.stage}] resumed from checkpoint at step {start_step}\n")
     if meta and meta.get("loader_workers") != spec.data.loader_workers:
         raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
                          f"{spec.data.loader_workers}; the data cursor of run {plan.run!r} depends on it")

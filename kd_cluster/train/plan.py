@@ -69,6 +69,9 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     root = join(absolute(spec.storage.path), spec.name)
     for i, stage in enumerate(stages):
         eff = stage_spec(spec, stage) if spec.stages else spec
+        # workers run in other directories: local telemetry paths are fixed on the driver
+        eff = eff.model_copy(update={"telemetry": eff.telemetry.model_copy(
+            update={"wandb_dir": absolute(eff.telemetry.wandb_dir)})})
         at = f"stages[{i}] ({stage.name}): " if spec.stages else ""
         trained = eff.teacher if stage.trains == "teacher" else eff.student
         if trained is None:
