@@ -259,24 +259,9 @@ def test_all_corrupt_batch_raises(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_options() -> Iterator[dict]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="kd-test")
-    yield options
-    server.stop()
+def s3_options(s3) -> dict:
+    s3.bucket("kd-test")
+    return s3.options()
 
 
 def test_s3_roundtrip(s3_options: dict, jpeg_tree: Path, tmp_path: Path) -> None:

@@ -224,28 +224,10 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (a free port) with bucket 'kd-models'; yields its URL."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            mp.delenv(var, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("NO_PROXY", "127.0.0.1")
-        mp.setenv("no_proxy", "127.0.0.1")
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            _, port = server.get_host_and_port()
-            url = f"http://127.0.0.1:{port}"
-            boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="kd-models")
-            yield url
-        finally:
-            server.stop()
+def s3_endpoint(s3) -> str:
+    """The session's local S3 server with bucket 'kd-models'; yields its URL."""
+    s3.bucket("kd-models")
+    return s3.endpoint
 
 
 def test_s3_round_trip(s3_endpoint: str, tmp_path: Path) -> None:
