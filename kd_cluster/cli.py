@@ -107,9 +107,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     console.print(t)
     margin = top1(fm) - top1(sc)
     console.print(f"distilled - scratch: {margin * 100:+.2f} points top-1; demo wall time {wall:.0f} s")
-    console.print(f"checkpoints: {distill.storage.path}/{distill.name} and {scratch.storage.path}/{scratch.name}")
-    wb = fm.get("wandb_dir") or "(W&B disabled)"
-    console.print(f"W&B offline run: {wb}  (upload later with `wandb sync {wb}`)")
+    console.print(f"checkpoints: {distill.storage.path}/{distill.name} and {scratch.storage.path}/{scratch.name}",
+                  soft_wrap=True)
+    wb = fm.get("wandb_dir")
+    console.print(f"W&B run: {wb} (offline runs upload with `wandb sync {wb}`)" if wb else "W&B: disabled",
+                  soft_wrap=True)
     return 0
 
 

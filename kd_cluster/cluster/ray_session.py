@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,11 @@ class RaySession:
     """Rank, device and checkpoints from Ray Train (checkpoints persist to the RunConfig storage)."""
 
     def __init__(self) -> None:
+        # Train logs every report (all metrics) at INFO from each worker, under a logger named after its
+        # file; our progress lines say it once. Guarded: it is Train's internal module.
+        ctx_mod = sys.modules.get("ray.train.v2._internal.execution.context")
+        if ctx_mod is not None and getattr(ctx_mod, "__file__", None):
+            logging.getLogger(ctx_mod.__file__).setLevel(logging.WARNING)
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()

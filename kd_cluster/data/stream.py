@@ -78,6 +78,13 @@ _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _Item = tuple[int, int, RawSample | None, tuple[int, ...]]
 
 
+def _check_placement(manifest: Manifest, batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"{manifest.url}: batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"{manifest.url}: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+
+
 class _ShardCache:
     """The raw samples of the most recently read shard of a manifest."""
 
@@ -168,10 +175,7 @@ class TrainStream(IterableDataset):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise DataError(f"{manifest.url}: batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"{manifest.url}: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        _check_placement(manifest, batch_size, rank, world_size)
         if num_workers < 0 or start_step < 0:
             raise DataError(f"{manifest.url}: num_workers and start_step must be >= 0, got {num_workers}, {start_step}")
         self.manifest = manifest
@@ -305,10 +309,7 @@ class EvalStream(IterableDataset):
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise DataError(f"{manifest.url}: batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"{manifest.url}: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        _check_placement(manifest, batch_size, rank, world_size)
         self.manifest = manifest
         self.batch_size = batch_size
         self.rank = rank
