@@ -109,6 +109,27 @@ def evaluate(model: nn.Module, teacher: ColocatedTeacher | None, loader: Any, no
     return out
 
 
+def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module, teacher: ColocatedTeacher | None,
+               method: Method, norm: Normalizer, device: torch.device,
+               autocast: contextlib.AbstractContextManager) -> dict[str, torch.Tensor]:
+    """Forward passes of one step: the views the method asked for, mixup, teacher, student, loss terms."""
+    x = norm(batch["image"].to(device, non_blocking=True))
+    x = mixup(x, lam) if lam < 1.0 else x
+    t_logits = None
+    if teacher is not None:
+        if "image_t" in batch:  # the method asked for another view: center crop (no mixup) or a second crop
+            xt = norm(batch["image_t"].to(device, non_blocking=True))
+            if method.needs.teacher_view == "independent" and lam < 1.0:
+                xt = mixup(xt, lam)
+        else:  # the very same tensor the student sees
+            xt = x
+        t_logits = teacher.logits(xt).float()
+    with autocast:
+        s_logits = net(x)
+    labels = batch["label"].to(device, non_blocking=True)
+    return method(StepOutputs(student_logits=s_logits.float(), labels=labels, lam=lam, teacher_logits=t_logits))
+
+
 def _sinks(plan: StagePlan, session: Session, start_step: int) -> tuple[Sink, WandbSink | None]:
     if session.rank != 0:
         return NullSink(), None
@@ -199,24 +220,11 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         t0 = time.perf_counter()
         batch = next(loader)
         data_wait += time.perf_counter() - t0
+        assert batch["step"] == step, f"data stream at step {batch['step']}, loop at {step}"
         corrupt += batch["corrupt"]
         lam = mixup_lambda(spec.seed, step, spec.augment.mixup_alpha)
-        x = norm(batch["image"].to(device, non_blocking=True))
-        x = mixup(x, lam) if lam < 1.0 else x
-        labels = batch["label"].to(device, non_blocking=True)
-        t_logits = None
-        if teacher is not None:
-            if "image_t" in batch:
-                xt = norm(batch["image_t"].to(device, non_blocking=True))
-                if needs.teacher_view == "independent" and lam < 1.0:
-                    xt = mixup(xt, lam)
-            else:
-                xt = x
-            t_logits = teacher.logits(xt)
-        with autocast:
-            s_logits = net(x)
-        terms = method(StepOutputs(student_logits=s_logits.float(), labels=labels, lam=lam,
-                                   teacher_logits=None if t_logits is None else t_logits.float()))
+        terms = train_step(batch, lam, net=net, teacher=teacher, method=method, norm=norm, device=device,
+                           autocast=autocast)
         loss = torch.stack(list(terms.values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,14 +257,8 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
             sink.log(done, ev)
             last_metrics |= ev
         if done % ckpt_every == 0 or last:
-            d = local_copy_dir()
-            try:
-                save_state(d, rank, step=done, model=model, method=method, optimizer=optimizer, scheduler=sched,
-                           meta={"run": plan.run, "stage": plan.stage, "loader_workers": spec.data.loader_workers,
-                                 "world_size": world, "wandb_id": plan.run, "spec": spec.model_dump_json()})
-                session.save_checkpoint(d, done, {k: v for k, v in last_metrics.items()})
-            finally:
-                remove_local(d)
+            _checkpoint(plan, session, done, model=model, method=method, optimizer=optimizer, scheduler=sched,
+                        metrics=last_metrics)
 
     steps_run = plan.total_steps - start_step
     avg_rate = steps_run * spec.data.batch_size / max(time.perf_counter() - loop_t0, 1e-9) if steps_run else 0.0
@@ -271,6 +273,20 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     if world > 1:
         dist.barrier()
     return result
+
+
+def _checkpoint(plan: StagePlan, session: Session, step: int, *, model: nn.Module, method: Method,
+                optimizer: torch.optim.Optimizer, scheduler: Any, metrics: dict[str, float]) -> None:
+    """Every rank stages its part of the checkpoint locally; the session persists it (collectively)."""
+    spec = plan.spec
+    d = local_copy_dir()
+    try:
+        save_state(d, session.rank, step=step, model=model, method=method, optimizer=optimizer, scheduler=scheduler,
+                   meta={"run": plan.run, "stage": plan.stage, "loader_workers": spec.data.loader_workers,
+                         "world_size": session.world_size, "wandb_id": plan.run, "spec": spec.model_dump_json()})
+        session.save_checkpoint(d, step, dict(metrics))
+    finally:
+        remove_local(d)
 
 
 def _publish(plan: StagePlan, model: nn.Module, result: StageResult) -> None:
