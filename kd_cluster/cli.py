@@ -140,7 +140,7 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
 def cmd_bench_data(a: argparse.Namespace) -> int:
     from kd_cluster.data.bench import run
 
-    kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers)) if v}
+    kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers), ("size", a.size)) if v}
     res = run(**kwargs)
     console.print_json(json.dumps(res, default=str))
     return 0
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd = bsub.add_parser("data", help="shard stream vs ImageFolder+DataLoader, images/s per core")
     bd.add_argument("--images", type=int, default=None)
     bd.add_argument("--workers", type=int, default=None)
+    bd.add_argument("--size", type=int, default=None, help="output crop size (default 224)")
     bd.set_defaults(fn=cmd_bench_data)
 
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
