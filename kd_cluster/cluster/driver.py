@@ -6,6 +6,7 @@ the same function ``--no-ray`` calls in one process.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
         if on_stage:
             on_stage(plan)
         if use_ray:
-            need = int(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker + 0.999)
+            need = math.ceil(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker)
             ensure_ray(address, max(need, os.cpu_count() or 1))
             fit_stage_ray(plan)
         else:

@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from fsspec.core import url_to_fs
 
 
@@ -166,10 +165,4 @@ def remove_local(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def open_url(url: str, mode: str = "rb", endpoint_url: str | None = None):  # noqa: ANN201 - fsspec file
-    """Open any fsspec URL with the endpoint options applied."""
-    return fsspec.open(url, mode, **storage_options(url, endpoint_url))
-
-
-__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "local_copy_dir", "open_url",
-           "remove_local", "storage_options"]
+__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "local_copy_dir", "remove_local", "storage_options"]

@@ -243,7 +243,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
             sums = _reduce_sum(term_sums / (window_steps * world), world).tolist()  # the log-step sync
             elapsed = time.perf_counter() - window_t0
             rate = window_steps * spec.data.batch_size / max(elapsed, 1e-9)
-            metrics = dict(zip(term_names, sums))
+            metrics = dict(zip(term_names, sums, strict=True))
             metrics |= {"lr": sched.get_last_lr()[0], "images_per_s": rate,
                         "data_wait_s_per_step": data_wait / window_steps, "corrupt_samples": float(corrupt),
                         "mixup_lambda": lam}

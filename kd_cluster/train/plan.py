@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
-from kd_cluster.data import DataError, Manifest, is_builtin, load_manifest
+from kd_cluster.data import DataError, Manifest, load_manifest
 from kd_cluster.methods import MethodError, method_class, method_config
 from kd_cluster.models import ModelError, check_model_name
 from kd_cluster.storage import absolute, is_remote, join, storage_options
@@ -26,7 +26,6 @@ class StagePlan:
 
     run: str
     stage: str
-    index: int
     spec: JobSpec
     trains: str
     arch: str
@@ -57,6 +56,18 @@ def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: 
     except (OSError, ValueError) as exc:  # fsspec/s3 errors: unreachable store, no credentials
         problems.append(f"{field}: cannot read manifest {url!r}: {exc}")
     return None
+
+
+def _resolve_weights(weights: str | None, field: str, earlier: list[str], root: str,
+                     problems: list[str]) -> str | None:
+    """A weights URI made absolute, or 'stage:<name>' turned into that earlier stage's artifact URL."""
+    if weights is None or not weights.startswith(STAGE_REF):
+        return absolute(weights) if weights else None
+    ref = weights[len(STAGE_REF):]
+    if ref not in earlier:
+        problems.append(f"{field}: {weights!r} names no earlier stage; earlier stages: {', '.join(earlier) or '(none)'}")
+        return None
+    return join(root, ref, "model.safetensors")
 
 
 def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "all"] = "all") -> list[StagePlan]:
@@ -96,24 +107,15 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         if needs is not None and needs.teacher and eff.teacher is None:
             problems.append(f"{at}method {eff.method.name!r} needs a teacher: add a 'teacher' section")
 
-        def resolve(weights: str | None, field: str) -> str | None:
-            if weights is None or not weights.startswith(STAGE_REF):
-                return absolute(weights) if weights else None
-            ref = weights[len(STAGE_REF):]
-            if ref not in trained_by:
-                earlier = list(trained_by) or ["(none)"]
-                problems.append(f"{at}{field}.weights: {weights!r} names no earlier stage; earlier stages: "
-                                f"{', '.join(earlier)}")
-                return None
-            return join(root, ref, "model.safetensors")
-
         teacher_needed = needs is not None and needs.teacher and stage.trains == "student"
-        teacher_weights = resolve(eff.teacher.weights, "teacher") if teacher_needed and eff.teacher else None
+        teacher_weights = (_resolve_weights(eff.teacher.weights, f"{at}teacher.weights", list(trained_by), root, problems)
+                           if teacher_needed and eff.teacher else None)
         if teacher_needed and eff.teacher is not None and eff.teacher.weights is None:
             problems.append(f"{at}teacher.weights: a frozen teacher needs weights (a URI, or 'stage:<name>' "
                             "of a stage that trains it)")
         own_output = trained.weights == f"{STAGE_REF}{stage.name}"  # the model this stage produces: start fresh
-        weights = None if own_output else resolve(trained.weights, "teacher" if stage.trains == "teacher" else "student")
+        weights = None if own_output else _resolve_weights(
+            trained.weights, f"{at}{stage.trains}.weights", list(trained_by), root, problems)
 
         train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems)
         val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems)
@@ -132,7 +134,7 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         else:
             total = 0  # epochs of data not opened: known at run time
         plans.append(StagePlan(
-            run=spec.name, stage=stage.name, index=i, spec=eff, trains=stage.trains, arch=trained.arch,
+            run=spec.name, stage=stage.name, spec=eff, trains=stage.trains, arch=trained.arch,
             weights=weights, teacher_arch=eff.teacher.arch if teacher_needed and eff.teacher else None,
             teacher_weights=teacher_weights, total_steps=total, step_offset=offset,
             num_classes=train_m.num_classes if train_m else 0, channels=train_m.channels if train_m else 0,
@@ -148,9 +150,4 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     return plans
 
 
-def builtin_data(spec: JobSpec) -> bool:
-    """Whether the job reads a builtin dataset (built on the driver's machine on first use)."""
-    return any(is_builtin(u) for u in (spec.data.train, spec.data.val) if u)
-
-
-__all__ = ["STAGE_REF", "StagePlan", "builtin_data", "plan_job"]
+__all__ = ["STAGE_REF", "StagePlan", "plan_job"]
