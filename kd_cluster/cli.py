@@ -224,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        from kd_cluster.cluster.driver import StageFailed
+
+        if not isinstance(exc, StageFailed):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -92,3 +92,13 @@ def test_ray_run_killed_midway_resumes_from_checkpoint(ray_cluster: str, tiny_jo
     assert 10 <= res.stages["main"]["resumed_from"] <= killed_at
     steps = [m["step"] for m in _metrics(tmp_path, "resume", "main")]
     assert steps == list(range(5, 401, 5))  # continues; nothing repeated, nothing missing
+
+
+@pytest.mark.slow
+def test_ray_worker_failure_is_one_clear_error(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
+    """A failure inside the workers (here: teacher weights that do not exist) names the stage and the cause."""
+    from kd_cluster.cluster import StageFailed, run_job
+
+    job = tiny_job("fails", stages=[], teacher={"arch": "cnn_s", "weights": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(StageFailed, match=r"stage 'main' of run 'fails'.*missing\.safetensors"):
+        run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)

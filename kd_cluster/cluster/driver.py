@@ -17,6 +17,10 @@ from kd_cluster.storage import is_remote, storage_options
 from kd_cluster.train import LocalSession, StagePlan, plan_job, run_stage, stage_done
 
 
+class StageFailed(RuntimeError):
+    """A stage's Ray Train workers failed; the message names the stage and the first worker error."""
+
+
 @dataclass
 class JobResult:
     """Per-stage outcome of a job run (read back from each stage's completion marker)."""
@@ -62,7 +66,8 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
 
 def fit_stage_ray(plan: StagePlan) -> None:
     """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                           TrainingFailedError)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = plan.spec
@@ -80,7 +85,15 @@ def fit_stage_ray(plan: StagePlan) -> None:
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        failures = getattr(exc, "worker_failures", None) or {}
+        first = str(failures[min(failures)]) if failures else str(exc)
+        lines = [ln for ln in first.strip().splitlines() if ln.strip()]
+        detail = lines[-1].strip() if lines else type(exc).__name__
+        raise StageFailed(f"stage {plan.stage!r} of run {plan.run!r} failed on its Ray workers: {detail} "
+                          "(checkpoints are kept: fix the cause and re-run the same command to resume)") from exc
 
 
 def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | None = None,
@@ -116,4 +129,4 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
     return result
 
 
-__all__ = ["JobResult", "ensure_ray", "fit_stage_ray", "run_job"]
+__all__ = ["JobResult", "StageFailed", "ensure_ray", "fit_stage_ray", "run_job"]
