@@ -46,9 +46,17 @@ class StagePlan:
         return join(self.stage_url, "model.safetensors")
 
 
-def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: list[str]) -> Manifest | None:
+def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: list[str],
+              opened: dict[tuple[str, str | None], Manifest | None]) -> Manifest | None:
+    """Open a manifest once per planning call (stages usually share their data); report a failure once."""
     if check == "none" or (check == "local" and is_remote(url)):
         return None
+    if (url, endpoint) not in opened:
+        opened[url, endpoint] = _open_manifest(url, endpoint, field, problems)
+    return opened[url, endpoint]
+
+
+def _open_manifest(url: str, endpoint: str | None, field: str, problems: list[str]) -> Manifest | None:
     try:
         return load_manifest(absolute(url), storage_options(url, endpoint))
     except DataError as exc:
@@ -76,6 +84,7 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     stages = stages_of(spec)
     plans: list[StagePlan] = []
     trained_by: dict[str, str] = {}
+    opened: dict[tuple[str, str | None], Manifest | None] = {}
     offset = 0
     root = join(absolute(spec.storage.path), spec.name)
     for i, stage in enumerate(stages):
@@ -117,8 +126,8 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         weights = None if own_output else _resolve_weights(
             trained.weights, f"{at}{stage.trains}.weights", list(trained_by), root, problems)
 
-        train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems)
-        val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems)
+        train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems, opened)
+        val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems, opened)
                  if eff.data.val else None)
         if train_m is not None:
             splits = eff.resources.num_workers * max(1, eff.data.loader_workers)
