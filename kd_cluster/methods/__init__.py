@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, StepOutputs, mixed_cross_entropy, soft_kl
+from kd_cluster.methods.base import (Method, MethodConfig, Needs, SetupInfo, StepOutputs, all_gather_cat,
+                                     mixed_cross_entropy, soft_kl)
 from kd_cluster.methods.funmatch import FixedTeacher, FunMatch, IndependentViews
 from kd_cluster.methods.kd import KD
 from kd_cluster.methods.supervised import Supervised
@@ -60,5 +61,11 @@ def build_method(name: str, params: dict[str, Any]) -> Method:
     return method_class(name)(method_config(name, params))
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "MethodError", "Needs", "StepOutputs", "build_method",
-           "method_class", "method_config", "mixed_cross_entropy", "soft_kl"]
+def method_needs(name: str, params: dict[str, Any]) -> Needs:
+    """What method ``name`` with these settings needs from the loop (validates the settings)."""
+    cls = method_class(name)
+    return cls.needs_for(method_config(name, params))
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "MethodError", "Needs", "SetupInfo", "StepOutputs", "all_gather_cat",
+           "build_method", "method_class", "method_config", "method_needs", "mixed_cross_entropy", "soft_kl"]

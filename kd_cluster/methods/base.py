@@ -1,17 +1,35 @@
 """What every method is: a torch module that turns one step's outputs into named loss terms.
 
-A method declares what it needs (a teacher? which view of the image does the teacher see? labels?)
-and the training loop asks it; nothing outside this package branches on a method's name.
+A method declares what it needs (a teacher? which view of the image does the teacher see? labels?
+which feature taps of student and teacher? the per-sample index?) and the training loop asks it;
+nothing outside this package branches on a method's name.
+
+Life cycle, driven by the loop on every worker:
+
+1. ``needs_for(cfg)`` (class level, cheap; the planner calls it too) says what the loop must provide.
+2. ``setup(probe, info)``: called once with the outputs of a no-grad forward on a dummy batch, so the
+   method can size its own trainable modules (regressors, embeddings, heads, peer networks) and
+   buffers (memory banks) from the real feature shapes. ``__init__`` must stay cheap: no modules that
+   depend on shapes there.
+3. The method's weights may then be loaded from ``cfg.init`` (an earlier stage's ``method.safetensors``),
+   the optimizer is built over student + method parameters, and a checkpoint is restored into both.
+4. Each step: ``expand(x)`` may turn the input batch into a bigger one (e.g. rotated copies), the loop
+   runs the student and teacher on it and calls ``forward(StepOutputs)`` for named loss terms.
+
+Under DDP the student is wrapped in DistributedDataParallel; the gradients of the method's own
+parameters are averaged across ranks by the loop (one all-reduce per step), so every rank's method
+modules stay identical. Buffers a method updates itself (memory banks) must be updated with the same
+values on every rank: gather what you write with :func:`all_gather_cat`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 
@@ -19,6 +37,10 @@ class MethodConfig(BaseModel):
     """Base of every method's own settings: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+    init: str | None = Field(None, description="Weights of this method's own modules to start from: a URI "
+                             "or 'stage:<name>' (that stage's method.safetensors). Keys absent from the "
+                             "file keep their fresh initialisation; keys the method does not have are errors.")
 
 
 @dataclass(frozen=True)
@@ -33,16 +55,46 @@ class Needs:
     teacher: bool
     teacher_view: Literal["same", "center", "independent"] = "same"
     labels: bool = False
+    student: bool = True
+    """False: the stage trains only the method's own modules (e.g. a head on the frozen teacher); the
+    student is not run and not updated."""
+    student_features: tuple[str, ...] = ()
+    """Feature taps of the student (layer names, checked when the model is built)."""
+    teacher_features: tuple[str, ...] = ()
+    """Feature taps of the teacher."""
+    index: bool = False
+    """The per-sample dataset index (``idx`` in the shards), e.g. for memory banks."""
+
+
+@dataclass(frozen=True)
+class SetupInfo:
+    """Facts about the run a method may need when it builds its modules."""
+
+    num_classes: int
+    num_samples: int
+    """Samples in the train split (for memory banks indexed by the per-sample index)."""
+    world_size: int
+    total_steps: int
+    channels: int = 3
 
 
 @dataclass
 class StepOutputs:
     """What the loop hands a method after the forward passes of one step."""
 
-    student_logits: torch.Tensor
+    student_logits: torch.Tensor | None
+    """None when the method's needs say ``student=False``."""
     labels: torch.Tensor
     lam: float
     teacher_logits: torch.Tensor | None = None
+    student_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: torch.Tensor | None = None
+    """Per-sample dataset indices of the (un-expanded) batch, when ``needs.index``."""
+    images: torch.Tensor | None = None
+    """The normalised (mixed, expanded) input the student saw, for methods that run their own networks."""
+    step: int = 0
+    """The optimizer step being computed (0-based)."""
 
 
 class Method(nn.Module):
@@ -54,10 +106,43 @@ class Method(nn.Module):
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.needs = type(self).needs_for(cfg)
+
+    @classmethod
+    def needs_for(cls, cfg: MethodConfig) -> Needs:
+        """What this method needs with these settings (feature taps usually come from the settings)."""
+        return cls.needs
+
+    def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
+        """Build shape-dependent modules and buffers from a probe forward (no grad, dummy input)."""
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch student and teacher actually see, from the (mixed) normalised input. Default: as is."""
+        return x
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         """Named, already weighted loss terms; the loop minimises their sum and logs each."""
         raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Extra scalars to log at log steps (host values; called on rank 0 only). Default: none."""
+        return {}
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every DDP rank along dim 0 (no gradient); ``t`` itself without DDP.
+
+    Every rank must call it with the same shape. Use it to update buffers (memory banks) identically
+    on all ranks.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t.detach()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lam: float,

@@ -10,7 +10,7 @@ This package imports neither ray nor wandb nor any other kd_cluster package.
 from kd_cluster.models.errors import ModelError
 from kd_cluster.models.registry import available_models, build_model, check_model_name, count_parameters
 from kd_cluster.models.small import SMALL_MODELS, SmallCNN
-from kd_cluster.models.taps import TappedModel, feature_node_names
+from kd_cluster.models.taps import TappedModel, check_taps, feature_node_names
 from kd_cluster.models.weights import load_weights, save_weights
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "available_models",
     "build_model",
     "check_model_name",
+    "check_taps",
     "count_parameters",
     "feature_node_names",
     "load_weights",

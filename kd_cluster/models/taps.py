@@ -190,3 +190,13 @@ class TappedModel(nn.Module):
     def extra_repr(self) -> str:
         """Show the taps in ``repr``."""
         return f"taps={list(self.taps)}"
+
+
+def check_taps(arch: str, taps: Sequence[str]) -> None:
+    """Raise ModelError (listing close and existing names) if model ``arch`` lacks any of ``taps``.
+
+    Builds the model on the CPU once (no weights) and traces it; used to validate job files.
+    """
+    from kd_cluster.models.registry import build_model
+
+    TappedModel(build_model(arch, num_classes=10), taps)

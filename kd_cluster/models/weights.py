@@ -39,8 +39,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_weights(model: nn.Module, uri: str, *, storage_options: dict[str, Any] | None = None) -> None:
+def load_weights(model: nn.Module, uri: str, *, storage_options: dict[str, Any] | None = None,
+                 allow_missing: bool = False) -> None:
     """Load weights from ``uri`` into ``model`` in place (strict: every key must match, with its shape).
+
+    ``allow_missing``: keys of the model absent from the file keep their values (a method's modules
+    partly trained by an earlier stage); unexpected keys and shape mismatches are still errors.
 
     ``model`` may be wrapped in DDP, torch.compile or TappedModel; the weights go into the plain model.
 
@@ -57,8 +61,13 @@ def load_weights(model: nn.Module, uri: str, *, storage_options: dict[str, Any] 
     target = _unwrap(model)
     own = target.state_dict()
     state = _strip_prefixes(state, own)
+    if allow_missing:
+        if not any(k in own for k in state):
+            raise ModelError(f"weights at {uri!r} share no key with the model (file keys: "
+                             f"{', '.join(list(state)[:MAX_LISTED])})")
+        own = {k: v for k, v in own.items() if k in state}
     _check_fits(state, own, uri)
-    target.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=not allow_missing)
 
 
 def save_weights(model: nn.Module, uri: str, *, storage_options: dict[str, Any] | None = None) -> None:

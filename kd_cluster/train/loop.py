@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
-from kd_cluster.methods import Method, StepOutputs, build_method
-from kd_cluster.models import build_model, load_weights, save_weights
+from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method
+from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
 from kd_cluster.optim import build_optimizer, build_schedule
 from kd_cluster.storage import Store, local_copy_dir, remove_local, storage_options
 from kd_cluster.teacher import ColocatedTeacher
@@ -79,55 +79,113 @@ def _reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+def _logits(out: Any) -> torch.Tensor:
+    """Logits from a plain model's output or a TappedModel's (logits, features)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, teacher: ColocatedTeacher | None, loader: Any, norm: Normalizer,
+def evaluate(model: nn.Module | None, teacher: ColocatedTeacher | None, loader: Any, norm: Normalizer,
              device: torch.device, world: int, amp: torch.dtype | None) -> dict[str, float]:
-    """Student top-1/top-5, teacher top-1 and student-teacher agreement over the val split (all ranks)."""
-    model.eval()
+    """Student top-1/top-5, teacher top-1 and student-teacher agreement over the val split (all ranks).
+
+    ``model`` None (a stage that trains only a method's modules): teacher metrics only.
+    """
+    if model is not None:
+        model.eval()
     acc = torch.zeros(5, device=device, dtype=torch.float64)  # top1, top5, teacher top1, agreement, n
     ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     for batch in loader:
         x = norm(batch["image"].to(device, non_blocking=True))
         y = batch["label"].to(device, non_blocking=True)
-        with ctx:
-            logits = model(x)
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        acc[0] += (topk[:, 0] == y).sum()
-        acc[1] += (topk == y[:, None]).any(dim=1).sum()
+        s_pred = None
+        if model is not None:
+            with ctx:
+                logits = _logits(model(x))
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            s_pred = topk[:, 0]
+            acc[0] += (s_pred == y).sum()
+            acc[1] += (topk == y[:, None]).any(dim=1).sum()
         if teacher is not None:
             t_pred = teacher.logits(x).argmax(dim=1)
             acc[2] += (t_pred == y).sum()
-            acc[3] += (t_pred == topk[:, 0]).sum()
+            if s_pred is not None:
+                acc[3] += (t_pred == s_pred).sum()
         acc[4] += y.numel()
-    model.train()
+    if model is not None:
+        model.train()
     top1, top5, t1, agree, n = _reduce_sum(acc, world).tolist()
     n = max(n, 1.0)
-    out = {"eval/student_top1": top1 / n, "eval/student_top5": top5 / n}
+    out = {"eval/student_top1": top1 / n, "eval/student_top5": top5 / n} if model is not None else {}
     if teacher is not None:
-        out |= {"eval/teacher_top1": t1 / n, "eval/agreement": agree / n}
+        out |= {"eval/teacher_top1": t1 / n}
+        if model is not None:
+            out["eval/agreement"] = agree / n
     return out
 
 
-def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module, teacher: ColocatedTeacher | None,
+def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module | None, teacher: ColocatedTeacher | None,
                method: Method, norm: Normalizer, device: torch.device,
-               autocast: contextlib.AbstractContextManager) -> dict[str, torch.Tensor]:
-    """Forward passes of one step: the views the method asked for, mixup, teacher, student, loss terms."""
+               autocast: contextlib.AbstractContextManager, step: int = 0) -> dict[str, torch.Tensor]:
+    """Forward passes of one step: the views the method asked for, mixup, expansion, teacher, student,
+    loss terms. ``net`` None: the method trains only its own modules (``needs.student`` False)."""
+    needs = method.needs
     x = norm(batch["image"].to(device, non_blocking=True))
-    x = mixup(x, lam) if lam < 1.0 else x
-    t_logits = None
+    x = method.expand(mixup(x, lam) if lam < 1.0 else x)
+    t_logits, t_feats = None, {}
     if teacher is not None:
         if "image_t" in batch:  # the method asked for another view: center crop (no mixup) or a second crop
             xt = norm(batch["image_t"].to(device, non_blocking=True))
-            if method.needs.teacher_view == "independent" and lam < 1.0:
+            if needs.teacher_view == "independent" and lam < 1.0:
                 xt = mixup(xt, lam)
+            xt = method.expand(xt)
         else:  # the very same tensor the student sees
             xt = x
-        t_logits = teacher.logits(xt).float()
-    with autocast:
-        s_logits = net(x)
+        t_logits, t_feats = teacher(xt)
+    s_logits, s_feats = None, {}
+    if net is not None:
+        with autocast:
+            out = net(x)
+        s_logits, s_feats = out if isinstance(out, tuple) else (out, {})
+        s_logits = s_logits.float()
+        s_feats = {k: v.float() for k, v in s_feats.items()}
     labels = batch["label"].to(device, non_blocking=True)
-    return method(StepOutputs(student_logits=s_logits.float(), labels=labels, lam=lam, teacher_logits=t_logits))
+    index = batch["index"].to(device, non_blocking=True) if needs.index else None
+    return method(StepOutputs(student_logits=s_logits, labels=labels, lam=lam, teacher_logits=t_logits,
+                              student_features=s_feats, teacher_features=t_feats, index=index, images=x,
+                              step=step))
+
+
+@torch.no_grad()
+def probe_outputs(model: nn.Module | None, teacher: ColocatedTeacher | None, method: Method, *, channels: int,
+                  image_size: int, device: torch.device) -> StepOutputs:
+    """What one step's outputs look like (shapes), from a no-grad forward on a dummy batch of two."""
+    x = method.expand(torch.zeros(2, channels, image_size, image_size, device=device))
+    t_logits, t_feats = teacher(x) if teacher is not None else (None, {})
+    s_logits, s_feats = None, {}
+    if model is not None:
+        model.eval()
+        out = model(x)
+        model.train()
+        s_logits, s_feats = out if isinstance(out, tuple) else (out, {})
+    return StepOutputs(student_logits=s_logits, labels=torch.zeros(2, dtype=torch.long, device=device), lam=1.0,
+                       teacher_logits=t_logits, student_features=s_feats, teacher_features=t_feats,
+                       index=torch.arange(2, device=device), images=x)
+
+
+def average_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients of parameters DDP does not manage (a method's own modules): one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def _sinks(plan: StagePlan, session: Session, start_step: int) -> tuple[Sink, WandbSink | None]:
@@ -161,15 +219,27 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         load_weights(model, plan.weights, storage_options=storage_options(plan.weights, spec.storage.endpoint_url))
     method: Method = build_method(spec.method.name, spec.method.params())
     needs = method.needs
+    if needs.student_features:
+        model = TappedModel(model, needs.student_features)
     teacher = None
     if needs.teacher and plan.teacher_arch:
         t_model = build_model(plan.teacher_arch, num_classes=plan.num_classes, in_chans=plan.channels)
         load_weights(t_model, plan.teacher_weights,
                      storage_options=storage_options(plan.teacher_weights, spec.storage.endpoint_url))
-        teacher = ColocatedTeacher(t_model, device, amp, channels_last)
+        teacher = ColocatedTeacher(t_model, device, amp, channels_last, taps=needs.teacher_features)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    student = model if needs.student else None
+    probe = probe_outputs(student, teacher, method, channels=plan.channels, image_size=spec.data.image_size,
+                          device=device)
+    method.setup(probe, SetupInfo(num_classes=plan.num_classes, num_samples=train_manifest.num_samples,
+                                  world_size=world, total_steps=plan.total_steps, channels=plan.channels))
     method.to(device)
-    optimizer = build_optimizer(spec.optimizer, [model, method], spec.data.batch_size)
+    if plan.method_init:
+        load_weights(method, plan.method_init, allow_missing=True,
+                     storage_options=storage_options(plan.method_init, spec.storage.endpoint_url))
+    method_params = [p for p in method.parameters() if p.requires_grad]
+    trainable = [model, method] if needs.student else [method]
+    optimizer = build_optimizer(spec.optimizer, trainable, spec.data.batch_size)
     sched = build_schedule(optimizer, plan.total_steps, spec.schedule.warmup_steps, spec.schedule.decay)
 
     start_step, meta = 0, {}
@@ -183,7 +253,9 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
                          f"{spec.data.loader_workers}; the data cursor of run {plan.run!r} depends on it")
 
-    net = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    net: nn.Module | None = None
+    if needs.student:
+        net = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
     mean, std = (spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize else default_normalization(plan.channels)
     norm = Normalizer(mean, std, channels_last).to(device)
     aug = AugmentParams(image_size=spec.data.image_size, crop_scale=tuple(spec.augment.crop_scale),
@@ -203,7 +275,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         ev = EvalStream(val_manifest, batch_size=spec.data.eval_batch_size or per_rank, rank=rank,
                         world_size=world, augment=aug, storage_options=opts)
         ev_loader = torch.utils.data.DataLoader(ev, batch_size=None, num_workers=min(1, spec.data.loader_workers))
-        return evaluate(model, teacher, ev_loader, norm, device, world, amp)
+        return evaluate(student, teacher, ev_loader, norm, device, world, amp)
 
     sink, wb = _sinks(plan, session, start_step)
     sched_spec = spec.schedule
@@ -214,7 +286,9 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     term_names: list[str] = []
     window_t0, window_steps, data_wait, corrupt = time.perf_counter(), 0, 0.0, 0
     rate, last_metrics = 0.0, {}
-    net.train()
+    if net is not None:
+        net.train()
+    method.train()
     loop_t0 = time.perf_counter()
     for step in range(start_step, plan.total_steps):
         t0 = time.perf_counter()
@@ -224,12 +298,14 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         corrupt += batch["corrupt"]
         lam = mixup_lambda(spec.seed, step, spec.augment.mixup_alpha)
         terms = train_step(batch, lam, net=net, teacher=teacher, method=method, norm=norm, device=device,
-                           autocast=autocast)
+                           autocast=autocast, step=step)
         loss = torch.stack(list(terms.values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_grads(method_params, world)
         if spec.optimizer.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           spec.optimizer.grad_clip_norm)
         optimizer.step()
         sched.step()
 
@@ -244,6 +320,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
             elapsed = time.perf_counter() - window_t0
             rate = window_steps * spec.data.batch_size / max(elapsed, 1e-9)
             metrics = dict(zip(term_names, sums, strict=True))
+            metrics |= method.metrics()
             metrics |= {"lr": sched.get_last_lr()[0], "images_per_s": rate,
                         "data_wait_s_per_step": data_wait / window_steps, "corrupt_samples": float(corrupt),
                         "mixup_lambda": lam}
@@ -269,7 +346,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
                          wandb_url=getattr(wb, "url", None))
     sink.close()
     if rank == 0:
-        _publish(plan, model, result)
+        _publish(plan, model, method, result)
     if world > 1:
         dist.barrier()
     return result
@@ -289,10 +366,13 @@ def _checkpoint(plan: StagePlan, session: Session, step: int, *, model: nn.Modul
         remove_local(d)
 
 
-def _publish(plan: StagePlan, model: nn.Module, result: StageResult) -> None:
-    """Write the stage's artifact (weights), then its completion marker, which makes the stage final."""
+def _publish(plan: StagePlan, model: nn.Module, method: Method, result: StageResult) -> None:
+    """Write the stage's artifacts (model weights; the method's modules when it has any), then its
+    completion marker, which makes the stage final."""
     opts = storage_options(plan.artifact_url, plan.spec.storage.endpoint_url)
     save_weights(model, plan.artifact_url, storage_options=opts)
+    if method.state_dict():
+        save_weights(method, plan.method_artifact_url, storage_options=opts)
     Store(plan.stage_url, plan.spec.storage.endpoint_url).write_json(
         "stage.json", {**asdict(result), "arch": plan.arch, "artifact": plan.artifact_url})
 

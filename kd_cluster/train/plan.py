@@ -13,11 +13,12 @@ from typing import Literal
 
 from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
 from kd_cluster.data import DataError, Manifest, load_manifest
-from kd_cluster.methods import MethodError, method_class, method_config
-from kd_cluster.models import ModelError, check_model_name
+from kd_cluster.methods import MethodError, Needs, method_needs
+from kd_cluster.models import ModelError, check_model_name, check_taps
 from kd_cluster.storage import absolute, is_remote, join, storage_options
 
 STAGE_REF = "stage:"
+METHOD_ARTIFACT = "method.safetensors"
 
 
 @dataclass
@@ -39,11 +40,18 @@ class StagePlan:
     train_manifest: str
     val_manifest: str | None
     stage_url: str
+    method_init: str | None = None
+    """Weights for the method's own modules (``method.init``), resolved to an absolute URI."""
 
     @property
     def artifact_url(self) -> str:
         """Where the trained model of this stage is written (safetensors)."""
         return join(self.stage_url, "model.safetensors")
+
+    @property
+    def method_artifact_url(self) -> str:
+        """Where the method's own trained modules (regressors, heads, banks) are written, when it has any."""
+        return join(self.stage_url, METHOD_ARTIFACT)
 
 
 def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: list[str],
@@ -67,7 +75,7 @@ def _open_manifest(url: str, endpoint: str | None, field: str, problems: list[st
 
 
 def _resolve_weights(weights: str | None, field: str, earlier: list[str], root: str,
-                     problems: list[str]) -> str | None:
+                     problems: list[str], artifact: str = "model.safetensors") -> str | None:
     """A weights URI made absolute, or 'stage:<name>' turned into that earlier stage's artifact URL."""
     if weights is None or not weights.startswith(STAGE_REF):
         return absolute(weights) if weights else None
@@ -75,7 +83,7 @@ def _resolve_weights(weights: str | None, field: str, earlier: list[str], root: 
     if ref not in earlier:
         problems.append(f"{field}: {weights!r} names no earlier stage; earlier stages: {', '.join(earlier) or '(none)'}")
         return None
-    return join(root, ref, "model.safetensors")
+    return join(root, ref, artifact)
 
 
 def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "all"] = "all") -> list[StagePlan]:
@@ -97,19 +105,28 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         if trained is None:
             problems.append(f"{at}stage trains the teacher but the job has no 'teacher' section")
             continue
+        known_arch = {}
         for field, model in (("student", eff.student), ("teacher", eff.teacher)):
             if model is None:
                 continue
             try:
                 check_model_name(model.arch)
+                known_arch[field] = model.arch
             except ModelError as exc:
                 problems.append(f"{at}{field}.arch: {exc}")
+        needs: Needs | None
         try:
-            needs = method_class(eff.method.name).needs
-            method_config(eff.method.name, eff.method.params())
+            needs = method_needs(eff.method.name, eff.method.params())
         except MethodError as exc:
             problems.append(f"{at}{exc}")
             needs = None
+        if needs is not None and stage.trains == "student":
+            for field, taps in (("student", needs.student_features), ("teacher", needs.teacher_features)):
+                if taps and field in known_arch:
+                    try:
+                        check_taps(known_arch[field], taps)
+                    except ModelError as exc:
+                        problems.append(f"{at}method {eff.method.name!r}: {field} feature taps: {exc}")
         if needs is not None and needs.teacher and stage.trains == "teacher":
             problems.append(f"{at}method {eff.method.name!r} needs a teacher, but this stage trains the teacher; "
                             "use a method without one (e.g. supervised)")
@@ -125,6 +142,10 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         own_output = trained.weights == f"{STAGE_REF}{stage.name}"  # the model this stage produces: start fresh
         weights = None if own_output else _resolve_weights(
             trained.weights, f"{at}{stage.trains}.weights", list(trained_by), root, problems)
+
+        init = eff.method.params().get("init")
+        method_init = (_resolve_weights(init, f"{at}method.init", list(trained_by), root, problems, METHOD_ARTIFACT)
+                       if isinstance(init, str) else None)
 
         train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems, opened)
         val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems, opened)
@@ -150,7 +171,7 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
             # opened manifests are passed by their resolved URL (a builtin set is built on the driver)
             train_manifest=train_m.url if train_m else absolute(eff.data.train),
             val_manifest=(val_m.url if val_m else absolute(eff.data.val)) if eff.data.val else None,
-            stage_url=join(root, stage.name),
+            stage_url=join(root, stage.name), method_init=method_init,
         ))
         trained_by[stage.name] = stage.trains
         offset += total
@@ -159,4 +180,4 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     return plans
 
 
-__all__ = ["STAGE_REF", "StagePlan", "plan_job"]
+__all__ = ["METHOD_ARTIFACT", "STAGE_REF", "StagePlan", "plan_job"]
