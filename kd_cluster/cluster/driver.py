@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd_cluster.config import JobSpec
-from kd_cluster.storage import is_remote, storage_options
+from kd_cluster.storage import Store, absolute, is_remote, join, storage_options
 from kd_cluster.train import LocalSession, StagePlan, plan_job, run_stage, stage_done
 
 
@@ -96,11 +96,37 @@ def fit_stage_ray(plan: StagePlan) -> None:
                           "(checkpoints are kept: fix the cause and re-run the same command to resume)") from exc
 
 
+RESOLVED_SPEC = "job.json"
+
+
+def run_root(spec: JobSpec) -> str:
+    """The run's folder: ``<storage.path>/<name>`` (stages, checkpoints and the resolved spec live here)."""
+    return join(absolute(spec.storage.path), spec.name)
+
+
+def save_resolved_spec(spec: JobSpec, source: str) -> None:
+    """Store the fully resolved spec next to the run's checkpoints, so ``kd-cluster resume`` needs only the
+    run's URL. The spec holds no credentials (they only ever come from the environment)."""
+    Store(run_root(spec), spec.storage.endpoint_url).write_json(
+        RESOLVED_SPEC, {"source": source, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "spec": spec.model_dump(mode="json")})
+
+
+def load_resolved_spec(run_url: str, endpoint_url: str | None = None) -> JobSpec:
+    """The spec a run was last started with, read from ``<run_url>/job.json``."""
+    store = Store(absolute(run_url), endpoint_url)
+    if not store.exists(RESOLVED_SPEC):
+        raise FileNotFoundError(f"no {RESOLVED_SPEC} under {run_url!r}: not a kd-cluster run folder "
+                                "(expected <storage.path>/<run name>)")
+    return JobSpec.model_validate(store.read_json(RESOLVED_SPEC)["spec"])
+
+
 def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | None = None,
             on_stage: Any = None) -> JobResult:
     """Run every unfinished stage of a job in order; a re-run resumes the unfinished stage."""
     t0 = time.perf_counter()
     plans = plan_job(spec, source, check_data="all")
+    save_resolved_spec(spec, source)
     result = JobResult(run=spec.name)
     for plan in plans:
         marker = stage_done(plan)
@@ -129,4 +155,5 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
     return result
 
 
-__all__ = ["JobResult", "StageFailed", "ensure_ray", "fit_stage_ray", "run_job"]
+__all__ = ["RESOLVED_SPEC", "JobResult", "StageFailed", "ensure_ray", "fit_stage_ray", "load_resolved_spec", "run_job",
+           "run_root", "save_resolved_spec"]
