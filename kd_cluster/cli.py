@@ -22,16 +22,16 @@ def _jobs_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "jobs"
 
 
-def _load(job: str, overrides: list[str], check_data: str) -> tuple[Any, list[Any]]:
+def _load(job: str, overrides: list[str], check_data: str, profile: str | None = None) -> tuple[Any, list[Any]]:
     from kd_cluster.config import load_job
     from kd_cluster.train import plan_job
 
-    spec = load_job(job, overrides)
+    spec = load_job(job, overrides, profile)
     return spec, plan_job(spec, job, check_data=check_data)  # type: ignore[arg-type]
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    spec, plans = _load(a.job, a.overrides, "all" if a.check_remote else "local")
+    spec, plans = _load(a.job, a.overrides, "all" if a.check_remote else "local", a.profile)
     t = Table(title=f"{a.job}: valid (run {spec.name!r})")
     for col in ("stage", "trains", "model", "method", "teacher", "steps", "batch", "workers"):
         t.add_column(col)
@@ -60,7 +60,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
 
-    spec = load_job(a.job, a.overrides)
+    spec = load_job(a.job, a.overrides, a.profile)
     result = run_job(spec, a.job, use_ray=not a.no_ray, address=a.address,
                      on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
                                                       f"{p.arch} ({p.spec.method.name})"))
@@ -161,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("job")
     v.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=0.01")
     v.add_argument("--check-remote", action="store_true", help="also open remote (s3://...) manifests")
+    v.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:' (e.g. smoke)")
     v.set_defaults(fn=cmd_validate)
 
     r = sub.add_parser("run", help="run a job (local Ray cluster unless --address/RAY_ADDRESS)")
     r.add_argument("job")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--no-ray", action="store_true", help="run the same loop in this process, without Ray")
+    r.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:' (e.g. smoke)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     r.set_defaults(fn=cmd_run)
 

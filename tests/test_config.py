@@ -189,3 +189,22 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kd_cluster.cli", "validate", str(good), "schedule.steps=4"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_profiles_merge_only_when_named(tmp_path) -> None:
+
+
+    base = tmp_path / "base.yaml"
+    base.write_text("name: p\nstudent: {arch: resnet18}\nmethod: {name: supervised}\n"
+                    "data: {train: s3://b/train, batch_size: 256}\nschedule: {epochs: 90}\noptimizer: {lr: 0.1}\n"
+                    "profiles:\n  smoke:\n    data: {train: builtin://mnist5k/train, batch_size: 32}\n"
+                    "    schedule: {steps: 5, epochs: null}\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("extends: base.yaml\nprofiles:\n  smoke: {student: {arch: cnn_xs}}\n")
+    full = load_job(job)
+    assert full.data.train == "s3://b/train" and full.schedule.epochs == 90 and full.student.arch == "resnet18"
+    smoke = load_job(job, ["data.batch_size=64"], profile="smoke")
+    assert smoke.data.train == "builtin://mnist5k/train" and smoke.schedule.steps == 5
+    assert smoke.student.arch == "cnn_xs" and smoke.data.batch_size == 64  # child profile merged; overrides last
+    with pytest.raises(SpecError, match="profile 'fast' is not defined.*known: smoke"):
+        load_job(job, profile="fast")

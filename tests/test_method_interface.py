@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import Field
 from safetensors.torch import load_file
 from torch import nn
 
