@@ -16,6 +16,7 @@ console = Console(stderr=False)
 err = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
 
 
 def _jobs_dir() -> Path:
@@ -228,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except Exception as exc:
         from kd_cluster.cluster.driver import StageFailed
+        from kd_cluster.train.preempt import Preempted
 
+        if isinstance(exc, Preempted):
+            print(f"preempted: {exc}", file=sys.stderr)
+            return EXIT_PREEMPTED
         if not isinstance(exc, StageFailed):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -70,8 +70,11 @@ def s3() -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(builtin_cache: Path) -> Iterator[str]:
-    """One local Ray instance for every Ray test of the session; yields its GCS address."""
+def ray_cluster(builtin_cache: Path, s3: S3Server) -> Iterator[str]:
+    """One local Ray instance for every Ray test of the session; yields its GCS address.
+
+    Started after the S3 server, so its workers see the S3 credentials as users' workers would.
+    """
     import ray
 
     ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,

@@ -12,12 +12,10 @@ from kd_cluster.storage import CheckpointStore, Store
 from kd_cluster.telemetry import JsonlSink, WandbSink, resolve_wandb_mode, wandb_run_id
 
 
-def _ckpt_dir(tmp_path: Path, step: int) -> Path:
-    d = tmp_path / f"local-{step}"
-    (d / "sub").mkdir(parents=True)
-    (d / "state.pt").write_bytes(f"state {step}".encode())
-    (d / "sub" / "rng-rank1.pt").write_bytes(f"rng {step}".encode())
-    return d
+def _write(ck: CheckpointStore, step: int, keep: int) -> None:
+    ck.write_file(step, "state.pt", f"state {step}".encode())
+    ck.write_file(step, "rng.pt", f"rng {step}".encode())
+    ck.commit(step, keep)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -29,33 +27,26 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return Store(f"s3://ckpts/{tmp_path.name}/stage", endpoint_url=s3.endpoint)
 
 
-def test_checkpoints_latest_and_prune(store: Store, tmp_path: Path) -> None:
+def test_checkpoints_latest_and_prune(store: Store) -> None:
     ck = CheckpointStore(store)
     assert ck.latest() is None
     for step in (10, 20, 30):
-        ck.save(_ckpt_dir(tmp_path, step), step, keep=2)
+        _write(ck, step, keep=2)
     assert ck.latest() == 30 and ck.steps() == [20, 30]
-    out = tmp_path / "restored"
-    ck.fetch(30, out)
-    assert (out / "state.pt").read_bytes() == b"state 30" and (out / "sub" / "rng-rank1.pt").read_bytes() == b"rng 30"
+    assert ck.read_file(30, "state.pt") == b"state 30" and ck.read_file(30, "rng.pt") == b"rng 30"
+    assert ck.latest_info()["committed"] == [20, 30]
 
 
-def test_interrupted_upload_never_becomes_latest(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uncommitted_checkpoints_are_never_latest_nor_prune_committed_ones(store: Store) -> None:
     ck = CheckpointStore(store)
-    ck.save(_ckpt_dir(tmp_path, 1), 1, keep=3)
-    real = store.write_bytes
-    calls = {"n": 0}
-
-    def flaky(rel: str, data: bytes) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second file of the checkpoint fails mid-upload
-            raise OSError("connection reset")
-        real(rel, data)
-
-    monkeypatch.setattr(store, "write_bytes", flaky)
-    with pytest.raises(OSError):
-        ck.save(_ckpt_dir(tmp_path, 2), 2, keep=3)
-    assert ck.latest() == 1  # a reader still gets the complete checkpoint
+    _write(ck, 10, keep=1)
+    ck.write_file(20, "state.pt", b"half")  # a writer died before writing rng.pt and committing
+    assert ck.latest() == 10 and ck.steps() == [10, 20]
+    _write(ck, 15, keep=1)  # a resumed run commits an older step: the newer partial folder must not count
+    assert ck.latest() == 15 and ck.read_file(15, "state.pt") == b"state 15"
+    assert 20 in ck.steps() and 10 not in ck.steps()
+    _write(ck, 20, keep=1)  # reaching step 20 again overwrites the partial folder and commits it
+    assert ck.latest() == 20 and ck.read_file(20, "state.pt") == b"state 20" and ck.steps() == [20]
 
 
 def test_write_json_roundtrip_and_atomic_local(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def _train_fn(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     from kd_cluster.cluster.ray_session import RaySession
 
-    run_stage(config["plan"], RaySession())
+    plan = config["plan"]
+    run_stage(plan, RaySession(plan.spec.fault_tolerance.preemption_grace_s))
 
 
 def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
@@ -49,6 +50,12 @@ def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
+                 "WANDB_API_KEY", "WANDB_BASE_URL", "KD_CLUSTER_CACHE")
+"""Environment variables a driver passes (by name, never written anywhere) to the workers of an existing cluster."""
+
+
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to a cluster (address or RAY_ADDRESS) or start a local one sized for the job."""
     import ray
@@ -57,7 +64,9 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # An existing cluster's workers do not see this shell: pass the credentials by name, in memory only.
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
     else:
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls; loopback only.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
@@ -66,7 +75,7 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
 
 def fit_stage_ray(plan: StagePlan) -> None:
     """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU)."""
-    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+    from ray.train import (FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -81,8 +90,8 @@ def fit_stage_ray(plan: StagePlan) -> None:
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RunConfig(name=plan.stage, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.schedule.keep_checkpoints),
+                             # restarts resume from our own checkpoints (<stage>/checkpoints), not Train's
+                             failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
@@ -146,8 +155,7 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
                       f"{plan.spec.resources.num_workers} -> 1 (global batch unchanged)")
                 plan.spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(
                     update={"num_workers": 1})})
-            run_stage(plan, LocalSession(plan.stage_url, plan.spec.storage.endpoint_url,
-                                         plan.spec.schedule.keep_checkpoints))
+            run_stage(plan, LocalSession())
         marker = stage_done(plan)
         assert marker is not None, f"stage {plan.stage} finished without its completion marker"
         result.stages[plan.stage] = marker

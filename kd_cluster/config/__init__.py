@@ -2,12 +2,12 @@
 
 from kd_cluster.config.loader import (SpecError, apply_overrides, deep_merge, load_job, load_raw,
                                       stage_spec, stages_of, validate_spec)
-from kd_cluster.config.spec import (AugmentSpec, DataSpec, JobSpec, MethodSpec, ModelSpec, NormalizeSpec,
+from kd_cluster.config.spec import (AugmentSpec, DataSpec, FaultToleranceSpec, JobSpec, MethodSpec, ModelSpec, NormalizeSpec,
                                     OptimizerSpec, ResourcesSpec, ScheduleSpec, StageSpec, StorageSpec,
-                                    TeacherSpec, TelemetrySpec)
+                                    ShampooSpec, TeacherSpec, TelemetrySpec)
 
 __all__ = [
-    "AugmentSpec", "DataSpec", "JobSpec", "MethodSpec", "ModelSpec", "NormalizeSpec", "OptimizerSpec",
-    "ResourcesSpec", "ScheduleSpec", "SpecError", "StageSpec", "StorageSpec", "TeacherSpec", "TelemetrySpec",
+    "AugmentSpec", "DataSpec", "FaultToleranceSpec", "JobSpec", "MethodSpec", "ModelSpec", "NormalizeSpec", "OptimizerSpec",
+    "ResourcesSpec", "ScheduleSpec", "ShampooSpec", "SpecError", "StageSpec", "StorageSpec", "TeacherSpec", "TelemetrySpec",
     "apply_overrides", "deep_merge", "load_job", "load_raw", "stage_spec", "stages_of", "validate_spec",
 ]

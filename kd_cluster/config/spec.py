@@ -113,10 +113,14 @@ class ScheduleSpec(Strict):
     epochs: float | None = Field(None, gt=0, description="Total epochs over the train split; converted to "
                                  "steps from the manifest's sample count and the global batch size.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up from 0.")
-    decay: Literal["cosine", "constant"] = Field("cosine", description="LR decay after warm-up.")
+    decay: Literal["cosine", "quadratic", "constant"] = Field("cosine", description="LR decay after warm-up: "
+                                                           "cosine to 0; quadratic (1 - progress)^2 to 0, the "
+                                                           "patient function-matching Shampoo schedule; or constant.")
     log_every: int = Field(20, ge=1, description="Steps between metric logs (the only host syncs).")
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and always at the end).")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and always at the end).")
+    checkpoint_minutes: float | None = Field(None, gt=0, description="Also checkpoint when this many minutes passed "
+                                             "since the last one (decided at fault_tolerance.check_every steps).")
     keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
 
     @model_validator(mode="after")
@@ -126,10 +130,28 @@ class ScheduleSpec(Strict):
         return self
 
 
+class ShampooSpec(Strict):
+    """Settings of the Shampoo optimizer (pytorch-optimizer's ScalableShampoo: blocked, grafted)."""
+
+    block_size: int = Field(128, ge=2, description="Dimensions above this are split into blocks of this size, "
+                            "each with its own preconditioners (memory and inverse cost grow with it).")
+    update_every: int = Field(100, ge=1, description="Steps between recomputations of the inverse-root "
+                              "preconditioners (the expensive part).")
+    start_step: int = Field(25, ge=0, description="Steps of grafted (first-order) updates before preconditioning.")
+    statistics_every: int = Field(1, ge=1, description="Steps between updates of the gradient statistics.")
+    graft: Literal["none", "sgd", "adagrad", "rmsprop", "sqrtn"] = Field("rmsprop", description="Layer-wise "
+                                                                        "update magnitude taken from this "
+                                                                        "first-order method.")
+    matrix_eps: float = Field(1e-6, gt=0, description="Epsilon added to the statistics matrices before the inverse root.")
+    diagonal_eps: float = Field(1e-10, gt=0, description="Epsilon of the grafting method's diagonal statistics.")
+    max_preconditioner_dim: int = Field(8192, ge=1, description="Dimensions larger than this are not preconditioned.")
+
+
 class OptimizerSpec(Strict):
     """Optimizer and the clipping applied before each step."""
 
-    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd.")
+    name: Literal["adamw", "sgd", "shampoo"] = Field("adamw", description="adamw, sgd, or shampoo (settings in "
+                                                     "'shampoo'; betas are its momentum and statistics decay).")
     lr: float = Field(gt=0, description="Peak learning rate (at base_batch_size when that is set).")
     base_batch_size: int | None = Field(None, ge=1, description="Linear LR scaling: the LR used is "
                                         "lr * data.batch_size / base_batch_size. Unset: lr as given.")
@@ -139,6 +161,7 @@ class OptimizerSpec(Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum.")
     nesterov: bool = Field(True, description="sgd Nesterov momentum.")
     grad_clip_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+    shampoo: ShampooSpec = Field(default_factory=ShampooSpec, description="Shampoo settings (used when name is shampoo).")
 
 
 class ResourcesSpec(Strict):
@@ -149,6 +172,19 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (Ray resources).")
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
     channels_last: bool = Field(False, description="channels_last memory format on GPU.")
+
+
+class FaultToleranceSpec(Strict):
+    """How a run survives worker failures and preemption."""
+
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train makes after a failure or "
+                              "a preemption (each resumes from the latest checkpoint); -1 = forever.")
+    preemption_grace_s: float = Field(90.0, gt=0, description="On SIGTERM (or a node-preemption notice) workers "
+                                      "finish the step, checkpoint, and exit within this many seconds.")
+    check_every: int = Field(5, ge=1, description="Steps between the ranks' agreement on 'preempted?' and "
+                                "'time-based checkpoint due?' (one tiny CPU all-reduce).")
+    upload_retry_s: float = Field(600.0, gt=0, description="How long a checkpoint upload keeps retrying an "
+                                  "unreachable store (exponential backoff) before that checkpoint is given up.")
 
 
 class StorageSpec(Strict):
@@ -211,6 +247,7 @@ class JobSpec(Strict):
     optimizer: OptimizerSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
     telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)
     stages: list[StageSpec] = Field(default_factory=list, description="Optional stages run in order; "
                                     "empty = one stage named 'main' with the sections as given.")

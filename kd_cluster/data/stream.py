@@ -285,7 +285,16 @@ def make_train_loader(stream: TrainStream, *, num_workers: int, pin_memory: bool
         prefetch_factor=2 if num_workers > 0 else None,
         pin_memory=pin_memory,
         in_order=True,
+        worker_init_fn=_ignore_sigterm,
     )
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    """Loader processes leave SIGTERM to the training process, which checkpoints and then stops them
+    (a process-group SIGTERM, as a VM shutdown sends, must not kill the data feed mid-checkpoint)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class EvalStream(IterableDataset):

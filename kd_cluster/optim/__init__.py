@@ -1,4 +1,10 @@
-"""Optimizers and learning-rate schedules, built from the optimizer and schedule sections only."""
+"""Optimizers and learning-rate schedules, built from the optimizer and schedule sections only.
+
+Shampoo comes from pytorch-optimizer (``ScalableShampoo``: the blocked, grafted Shampoo of Anil et al.,
+"Scalable Second Order Optimization for Deep Learning", the variant the function-matching paper's
+patient runs used). Its state holds small helper objects (preconditioner and graft) besides tensors;
+``shampoo_safe_globals`` lists the classes a checkpoint loader may allow for ``weights_only`` loading.
+"""
 
 from __future__ import annotations
 
@@ -36,17 +42,63 @@ def build_optimizer(spec: OptimizerSpec, modules: Iterable[nn.Module], global_ba
         return torch.optim.AdamW(groups, lr=lr, betas=spec.betas)
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    if spec.name == "shampoo":
+        return _shampoo(spec, groups, lr)
     raise AssertionError(f"unhandled optimizer {spec.name}")
 
 
+def _shampoo(spec: OptimizerSpec, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    sh = spec.shampoo
+    return ScalableShampoo(
+        groups, lr=lr, betas=spec.betas, weight_decay=spec.weight_decay, decoupled_weight_decay=True,
+        block_size=sh.block_size, preconditioning_compute_steps=sh.update_every,
+        start_preconditioning_step=sh.start_step, statistics_compute_steps=sh.statistics_every,
+        graft_type=LayerWiseGrafting[sh.graft.upper()], matrix_eps=sh.matrix_eps, diagonal_eps=sh.diagonal_eps,
+        no_preconditioning_for_layers_with_dim_gt=sh.max_preconditioner_dim, nesterov=spec.nesterov)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, name: str, seed: int, step: int) -> None:
+    """``optimizer.step()``; Shampoo's randomness (power iterations) is drawn from a generator seeded by
+    (seed, step), the same on every rank, so DDP replicas stay identical and a resumed run repeats it."""
+    if name != "shampoo":
+        optimizer.step()
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + step) % (2**63))
+        optimizer.step()
+
+
+def optimizer_safe_globals() -> list[type]:
+    """Classes an optimizer's state may hold besides tensors (Shampoo's helpers), for weights_only loads:
+    the classes defined in pytorch-optimizer's Shampoo utility modules, and nothing else."""
+    import importlib
+    import inspect
+
+    classes: list[type] = []
+    for name in ("graft", "preconditioner", "partition"):
+        try:
+            mod = importlib.import_module(f"pytorch_optimizer.optimizer.utils.{name}")
+        except ImportError:
+            continue
+        classes += [c for _, c in inspect.getmembers(mod, inspect.isclass) if c.__module__ == mod.__name__]
+    return classes
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str) -> float:
-    """Multiplier of the peak LR at ``step``: linear warm-up from 0, then cosine to 0 or constant."""
+    """Multiplier of the peak LR at ``step``: linear warm-up from 0, then cosine to 0, quadratic
+    ``(1 - progress)^2`` to 0, or constant."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay == "constant":
         return 1.0
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
+    if decay == "quadratic":
+        return (1.0 - progress) ** 2
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -57,4 +109,5 @@ def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, decay))
 
 
-__all__ = ["build_optimizer", "build_schedule", "effective_lr", "lr_factor", "param_groups"]
+__all__ = ["build_optimizer", "build_schedule", "effective_lr", "lr_factor", "optimizer_safe_globals", "optimizer_step",
+           "param_groups"]

@@ -119,40 +119,69 @@ class Store:
 
 
 class CheckpointStore:
-    """Step-numbered checkpoint folders plus a ``latest`` pointer written last.
+    """Step-numbered checkpoint folders plus a ``latest.json`` pointer written last (the commit).
 
-    A checkpoint is uploaded completely under ``step_<n>/`` before ``latest`` names it, so a reader
-    following ``latest`` never sees a partial checkpoint. Older folders are pruned after the pointer
-    moves.
+    A checkpoint's files are written under ``step_<n>/`` first; only then does ``commit`` rewrite
+    ``latest.json``, in one atomic write (a rename locally, one PUT on object stores). Readers follow
+    ``latest.json``, so a checkpoint that was not fully written is never read. ``latest.json`` also
+    lists the committed steps; pruning removes only committed steps beyond ``keep`` and unfinished
+    folders older than the latest commit (a folder newer than it may belong to a writer still at work,
+    and is overwritten when its step is reached again).
     """
+
+    LATEST = "latest.json"
 
     def __init__(self, store: Store, prefix: str = "checkpoints") -> None:
         self.store = store
         self.prefix = prefix
 
-    def save(self, local_dir: Path, step: int, keep: int) -> str:
-        """Upload ``local_dir`` as the checkpoint of ``step``, point ``latest`` at it, prune; returns its URL."""
-        name = f"step_{step:09d}"
-        self.store.upload_dir(local_dir, posixpath.join(self.prefix, name))
-        self.store.write_json(posixpath.join(self.prefix, "latest.json"), {"step": step, "dir": name})
-        for old in self.steps()[:-keep]:
-            self.store.remove(posixpath.join(self.prefix, f"step_{old:09d}"))
-        return self.store.url(self.prefix, name)
+    @staticmethod
+    def dirname(step: int) -> str:
+        """The folder name of a step's checkpoint."""
+        return f"step_{step:09d}"
+
+    def _rel(self, *parts: str) -> str:
+        return posixpath.join(self.prefix, *parts)
+
+    def write_file(self, step: int, name: str, data: bytes) -> None:
+        """Write one file of the (uncommitted) checkpoint of ``step``."""
+        self.store.write_bytes(self._rel(self.dirname(step), name), data)
+
+    def commit(self, step: int, keep: int, info: dict[str, Any] | None = None) -> None:
+        """Make ``step`` the latest checkpoint (after all its files are written), then prune."""
+        committed = [s for s in self._pointer().get("committed", []) if s < step] + [step]
+        self.store.write_json(self._rel(self.LATEST), {"step": step, "dir": self.dirname(step),
+                                                        "committed": committed[-keep:], **(info or {})})
+        for old in committed[:-keep]:
+            self.store.remove(self._rel(self.dirname(old)))
+        for stale in self.steps():
+            if stale < step and stale not in committed:
+                self.store.remove(self._rel(self.dirname(stale)))
+
+    def _pointer(self) -> dict[str, Any]:
+        rel = self._rel(self.LATEST)
+        return self.store.read_json(rel) if self.store.exists(rel) else {}
 
     def steps(self) -> list[int]:
         """Steps of the checkpoint folders present (complete or not), ascending."""
         return sorted(int(n[5:]) for n in self.store.listdir(self.prefix) if n.startswith("step_") and n[5:].isdigit())
 
     def latest(self) -> int | None:
-        """The step ``latest`` points at, or None."""
-        rel = posixpath.join(self.prefix, "latest.json")
-        if not self.store.exists(rel):
-            return None
-        return int(self.store.read_json(rel)["step"])
+        """The step ``latest.json`` points at, or None."""
+        pointer = self._pointer()
+        return int(pointer["step"]) if pointer else None
 
-    def fetch(self, step: int, local_dir: Path) -> None:
-        """Download the checkpoint of ``step`` into ``local_dir``."""
-        self.store.download_dir(posixpath.join(self.prefix, f"step_{step:09d}"), local_dir)
+    def latest_info(self) -> dict[str, Any]:
+        """The whole ``latest.json`` (step, committed steps, what the writer recorded), or {}."""
+        return self._pointer()
+
+    def read_file(self, step: int, name: str) -> bytes:
+        """One file of the checkpoint of ``step``."""
+        return self.store.read_bytes(self._rel(self.dirname(step), name))
+
+    def has_file(self, step: int, name: str) -> bool:
+        """Whether the checkpoint of ``step`` has file ``name``."""
+        return self.store.exists(self._rel(self.dirname(step), name))
 
 
 def local_copy_dir() -> Path:

@@ -10,6 +10,7 @@ import contextlib
 import random
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
 from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method
 from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
-from kd_cluster.optim import build_optimizer, build_schedule
-from kd_cluster.storage import Store, local_copy_dir, remove_local, storage_options
+from kd_cluster.optim import build_optimizer, build_schedule, optimizer_step
+from kd_cluster.storage import CheckpointStore, Store, storage_options
 from kd_cluster.teacher import ColocatedTeacher
 from kd_cluster.telemetry import Fanout, JsonlSink, NullSink, Progress, Sink, WandbSink, resolve_wandb_mode
 from kd_cluster.train.plan import StagePlan
 from kd_cluster.train.session import Session
-from kd_cluster.train.state import load_state, save_state
+from kd_cluster.train.checkpoint import (STATE_FILE, RNG_FILE, CheckpointWriter, restore_files, rng_state,
+                                        set_rng_state, snapshot)
+from kd_cluster.train.preempt import Preempted
 
 VIEWS = {"same": ("aug",), "center": ("aug", "center"), "independent": ("aug", "aug2")}
 
@@ -242,16 +245,12 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     optimizer = build_optimizer(spec.optimizer, trainable, spec.data.batch_size)
     sched = build_schedule(optimizer, plan.total_steps, spec.schedule.warmup_steps, spec.schedule.decay)
 
-    start_step, meta = 0, {}
+    ckpts = CheckpointStore(Store(plan.stage_url, spec.storage.endpoint_url))
     seed_all(spec.seed * 1_000_003 + rank)  # per-rank stochasticity (dropout), restored from checkpoints
-    with session.restore() as ckpt:
-        if ckpt is not None:
-            start_step, meta = load_state(ckpt, rank, model=model, method=method, optimizer=optimizer, scheduler=sched)
-    if start_step and rank == 0:
-        sys.stdout.write(f"[{plan.stage}] resumed from checkpoint at step {start_step}\n")
-    if meta and meta.get("loader_workers") != spec.data.loader_workers:
-        raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
-                         f"{spec.data.loader_workers}; the data cursor of run {plan.run!r} depends on it")
+    start_step = _restore(plan, ckpts, rank, world, model=model, method=method, optimizer=optimizer, scheduler=sched)
+    # the tiny per-check all-reduce (preempted? checkpoint due?) runs on the CPU, never syncing the GPU stream
+    flag_group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
+    writer = CheckpointWriter(ckpts, spec.schedule.keep_checkpoints, spec.fault_tolerance.upload_retry_s) if rank == 0 else None
 
     net: nn.Module | None = None
     if needs.student:
@@ -279,12 +278,25 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
 
     sink, wb = _sinks(plan, session, start_step)
     sched_spec = spec.schedule
+    ft = spec.fault_tolerance
     ckpt_every = sched_spec.checkpoint_every or plan.total_steps
+    ckpt_seconds = sched_spec.checkpoint_minutes * 60 if sched_spec.checkpoint_minutes else None
+    last_ckpt_t = time.monotonic()
+    ckpt_metrics: dict[str, float] = {}
+
+    def checkpoint(step_done: int) -> None:
+        nonlocal last_ckpt_t, ckpt_metrics
+        ckpt_metrics = _checkpoint(plan, writer, world, step_done, model=model, method=method, optimizer=optimizer,
+                                   scheduler=sched)
+        last_ckpt_t = time.monotonic()
+        session.report(step_done, {"step": step_done, **ckpt_metrics})
+
     eval_every = sched_spec.eval_every or plan.total_steps
     autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     term_sums: torch.Tensor | None = None
     term_names: list[str] = []
     window_t0, window_steps, data_wait, corrupt = time.perf_counter(), 0, 0.0, 0
+    keys_crc = 0  # a fingerprint of the sample keys this rank trained on in each log window
     rate, last_metrics = 0.0, {}
     if net is not None:
         net.train()
@@ -296,6 +308,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         data_wait += time.perf_counter() - t0
         assert batch["step"] == step, f"data stream at step {batch['step']}, loop at {step}"
         corrupt += batch["corrupt"]
+        keys_crc = zlib.crc32("\n".join(batch["key"]).encode(), keys_crc)
         lam = mixup_lambda(spec.seed, step, spec.augment.mixup_alpha)
         terms = train_step(batch, lam, net=net, teacher=teacher, method=method, norm=norm, device=device,
                            autocast=autocast, step=step)
@@ -306,7 +319,7 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
         if spec.optimizer.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                            spec.optimizer.grad_clip_norm)
-        optimizer.step()
+        optimizer_step(optimizer, spec.optimizer.name, spec.seed, step)
         sched.step()
 
         detached = torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
@@ -320,22 +333,40 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
             elapsed = time.perf_counter() - window_t0
             rate = window_steps * spec.data.batch_size / max(elapsed, 1e-9)
             metrics = dict(zip(term_names, sums, strict=True))
-            metrics |= method.metrics()
+            metrics |= method.metrics() | ckpt_metrics
+            ckpt_metrics = {}
             metrics |= {"lr": sched.get_last_lr()[0], "images_per_s": rate,
                         "data_wait_s_per_step": data_wait / window_steps, "corrupt_samples": float(corrupt),
-                        "mixup_lambda": lam}
+                        "mixup_lambda": lam, "data/keys_crc": float(keys_crc)}
             if done % eval_every == 0 or last:
                 metrics |= eval_now()
             sink.log(done, metrics)
             last_metrics = metrics
-            term_sums, window_t0, window_steps, data_wait = None, time.perf_counter(), 0, 0.0
+            term_sums, window_t0, window_steps, data_wait, keys_crc = None, time.perf_counter(), 0, 0.0, 0
         elif done % eval_every == 0:
             ev = eval_now()
             sink.log(done, ev)
             last_metrics |= ev
         if done % ckpt_every == 0 or last:
-            _checkpoint(plan, session, done, model=model, method=method, optimizer=optimizer, scheduler=sched,
-                        metrics=last_metrics)
+            checkpoint(done)
+        elif done % ft.check_every == 0:
+            time_due = ckpt_seconds is not None and rank == 0 and time.monotonic() - last_ckpt_t >= ckpt_seconds
+            preempted, time_due = _agree([session.preemption.requested(), time_due], world, flag_group)
+            if preempted:
+                t_notice = time.monotonic()
+                checkpoint(done)
+                saved = _wait_saved(writer, world, flag_group, ft.preemption_grace_s - (time.monotonic() - t_notice))
+                if saved:
+                    session.preemption.saved.set()
+                sink.close()
+                raise Preempted(plan.stage, done, session.preemption.reason or "preemption on another rank", saved)
+            if time_due:
+                checkpoint(done)
+    if writer is not None:
+        final = writer.flush()
+        if final is not None and not final.ok:
+            raise RuntimeError(f"stage {plan.stage!r}: the final checkpoint (step {final.step}) could not be "
+                               f"written: {final.error}")
 
     steps_run = plan.total_steps - start_step
     avg_rate = steps_run * spec.data.batch_size / max(time.perf_counter() - loop_t0, 1e-9) if steps_run else 0.0
@@ -352,18 +383,92 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     return result
 
 
-def _checkpoint(plan: StagePlan, session: Session, step: int, *, model: nn.Module, method: Method,
-                optimizer: torch.optim.Optimizer, scheduler: Any, metrics: dict[str, float]) -> None:
-    """Every rank stages its part of the checkpoint locally; the session persists it (collectively)."""
+def _agree(flags: list[bool], world: int, group: Any) -> list[bool]:
+    """Whether any rank raised each flag (one all-reduce of a few bytes on the CPU)."""
+    if world <= 1:
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
+def _wait_saved(writer: CheckpointWriter | None, world: int, group: Any, timeout_s: float) -> bool:
+    """Rank 0 waits for the upload in flight (within the grace period); every rank learns whether it landed."""
+    ok = False
+    if writer is not None:
+        res = writer.flush(max(0.0, timeout_s))
+        ok = res is not None and res.ok
+    if world > 1:
+        t = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.broadcast(t, src=0, group=group)
+        ok = bool(t.item())
+    return ok
+
+
+def _restore(plan: StagePlan, ckpts: CheckpointStore, rank: int, world: int, *, model: nn.Module, method: Method,
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    """Load the latest committed checkpoint (rank 0 reads the pointer, every rank the files); returns its step."""
+    step = ckpts.latest() if rank == 0 else None
+    if world > 1:
+        box = [step]
+        dist.broadcast_object_list(box, src=0)
+        step = box[0]
+    if step is None:
+        return 0
+    state, rngs = restore_files(ckpts, step)
+    _unwrap(model).load_state_dict(state["model"])
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    meta = state["meta"]
+    if rank < len(rngs):  # a run resumed with more workers than it had: new ranks keep their fresh seeds
+        set_rng_state(rngs[rank])
     spec = plan.spec
-    d = local_copy_dir()
-    try:
-        save_state(d, session.rank, step=step, model=model, method=method, optimizer=optimizer, scheduler=scheduler,
-                   meta={"run": plan.run, "stage": plan.stage, "loader_workers": spec.data.loader_workers,
-                         "world_size": session.world_size, "wandb_id": plan.run, "spec": spec.model_dump_json()})
-        session.save_checkpoint(d, step, dict(metrics))
-    finally:
-        remove_local(d)
+    if meta.get("loader_workers") != spec.data.loader_workers:
+        raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
+                         f"{spec.data.loader_workers}; the data cursor of run {plan.run!r} depends on it")
+    if rank == 0:
+        note = "" if meta.get("world_size") == world else (
+            f" (it was written by {meta.get('world_size')} workers, now {world}: the data order changes from here)")
+        sys.stdout.write(f"[{plan.stage}] resumed from checkpoint at step {step}{note}\n")
+    return int(state["step"])
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
+
+
+def _checkpoint(plan: StagePlan, writer: CheckpointWriter | None, world: int, step: int, *, model: nn.Module,
+                method: Method, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, float]:
+    """Gather every rank's RNG state on rank 0, snapshot the state to host memory, hand it to the writer.
+
+    Collective (every rank calls it at the same step). Returns the checkpoint metrics (rank 0).
+    """
+    t0 = time.perf_counter()
+    rngs: list[Any] = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if writer is None:
+        return {}
+    spec = plan.spec
+    state = snapshot({
+        "step": step,
+        "model": _unwrap(model).state_dict(),
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "meta": {"run": plan.run, "stage": plan.stage, "loader_workers": spec.data.loader_workers,
+                 "world_size": world, "wandb_id": plan.run, "spec": spec.model_dump_json()},
+    })
+    waited = writer.submit(step, {STATE_FILE: state, RNG_FILE: rngs}, info={"world_size": world})
+    out = {"checkpoint/stall_s": time.perf_counter() - t0, "checkpoint/wait_previous_s": waited}
+    prev = writer.last
+    if prev is not None:
+        out |= {"checkpoint/bytes": float(prev.bytes), "checkpoint/upload_s": prev.upload_s,
+                "checkpoint/failed_uploads": float(sum(not r.ok for r in writer.results))}
+    return out
 
 
 def _publish(plan: StagePlan, model: nn.Module, method: Method, result: StageResult) -> None:
