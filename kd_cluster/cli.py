@@ -209,7 +209,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
         from kd_cluster.train import plan_job
 
         plan_job(spec, source, check_data="local")
-        console.print(f"resuming run {spec.name} ({where}) on the cluster", soft_wrap=True)
+        (err if a.json else console).print(f"resuming run {spec.name} ({where}) on the cluster", soft_wrap=True)
         sub = jobs_api.submit(spec, source, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
                               ship_code=not a.installed_code)
         if a.json:
