@@ -150,10 +150,6 @@ def test_submit_watch_stop_resume_on_a_real_head(ray_head: str, tiny_job: Any, t
     assert sub_a["env_names"] == ["AWS_SECRET_ACCESS_KEY", "KDC_EXTRA"]
     outputs = [r.stdout, r.stderr]
 
-    # the same run cannot get a second driver while the first one runs
-    r = cli("submit", str(job_a), "--address", url)
-    assert r.returncode == 1 and "already being driven" in r.stderr and "Traceback" not in r.stderr, r.stderr
-
     r = cli("logs", sid_a, "--follow", "--address", url)  # returns when the job ends
     assert r.returncode == 0, r.stderr
     assert "run ops-a" in r.stdout and "checkpoints and artifacts" in r.stdout, r.stdout[-3000:]
@@ -175,6 +171,10 @@ def test_submit_watch_stop_resume_on_a_real_head(ray_head: str, tiny_job: Any, t
     r = cli("submit", str(job_b), "--address", url, "--json")
     assert r.returncode == 0, r.stderr
     sid_b = json.loads(r.stdout)["submission_id"]
+    # the same run cannot get a second driver while the first one runs (ops-b runs two stages: well over 10 s)
+    r = cli("submit", str(job_b), "--address", url)
+    assert r.returncode == 1 and "already being driven" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     wait_for(lambda: (runs / "ops-b" / "teacher" / "stage.json").exists(), 150, "ops-b's teacher stage")
     r = cli("stop", sid_b, "--address", url, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "STOPPED", r.stdout + r.stderr
