@@ -70,6 +70,163 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _address_help() -> str:
+    return "Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)"
+
+
+def _print_submission(sub: Any) -> None:
+    console.print(f"submitted job [bold]{sub.submission_id}[/]", soft_wrap=True)
+    console.print(f"  run:     {sub.run} (from {sub.job_file})", soft_wrap=True)
+    console.print(f"  storage: {sub.storage}", soft_wrap=True)
+    console.print(f"  W&B:     {sub.wandb}", soft_wrap=True)
+    console.print(f"  env:     {', '.join(sub.env_names) or '(none forwarded)'} (by name; values are not shown)",
+                  soft_wrap=True)
+    for note in sub.notes:
+        err.print(f"warning: {note}", soft_wrap=True)
+    console.print(f"watch: kd-cluster status {sub.submission_id}; kd-cluster logs {sub.submission_id} --follow",
+                  soft_wrap=True)
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.jobs_api import cluster_address, submit
+
+    cluster_address(a.address)  # a missing/malformed address fails before anything else
+    spec, _ = _load(a.job, a.overrides, "local", a.profile)  # same checks and exit code as `validate`
+    sub = submit(spec, a.job, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
+                 ship_code=not a.installed_code)
+    if a.json:
+        print(json.dumps(sub.__dict__, indent=2))
+    else:
+        _print_submission(sub)
+    return 0
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _jobs_table(rows: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("submission id", "status", "run", "job file", "started", "duration s", "message"):
+        t.add_column(col, overflow="fold")
+    colors = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan"}
+    for r in rows:
+        st = r["status"]
+        t.add_row(r["submission_id"] or r["job_id"] or "-", f"[{colors.get(st, 'white')}]{st}[/]", r["run"] or "-",
+                  r["job_file"] or "-", _fmt_time(r["start_time"]),
+                  f"{r['duration_s']:.0f}" if r["duration_s"] is not None else "-", (r["message"] or "")[:120])
+    return t
+
+
+def _print_progress(p: dict[str, Any]) -> None:
+    t = Table(title=f"run {p['run']} ({p['url']})")
+    for col in ("stage", "trains", "method", "state", "steps", "student top-1", "wall s"):
+        t.add_column(col)
+    for s in p["stages"]:
+        if s["state"] == "finished":
+            steps = str(s["steps"])
+        elif s["state"] == "current":
+            ck = s["checkpoint_step"]
+            steps = f"checkpoint {ck} / {s['total_steps'] or '?'}" if ck is not None else \
+                f"no checkpoint yet / {s['total_steps'] or '?'}"
+        else:
+            steps = f"0 / {s['total_steps'] or '?'}"
+        top1 = f"{s['top1']:.4f}" if s.get("top1") is not None else "-"
+        wall = f"{s['wall_s']:.1f}" if s.get("wall_s") is not None else "-"
+        t.add_row(s["stage"], s["trains"], s["method"], s["state"], steps, top1, wall)
+    console.print(t)
+    console.print("finished: every stage has its marker" if p["finished"] else
+                  f"in stage [bold]{p['stage']}[/] (running, or stopped: `kd-cluster resume {p['run']}` continues it)",
+                  soft_wrap=True)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    import os
+
+    from kd_cluster.cluster import jobs_api
+
+    if a.storage is not None or not (a.address or os.environ.get("RAY_ADDRESS")):
+        if not a.job:
+            err.print("error: status needs a job id and a cluster address (--address/RAY_ADDRESS), "
+                      "or a run name/URL (with --storage) for a run's progress from its storage")
+            return EXIT_USER_ERROR
+        p = jobs_api.run_progress(jobs_api.find_run(a.job, a.storage or "./runs", a.endpoint_url), a.endpoint_url)
+        if a.json:
+            print(json.dumps(p, indent=2))
+        else:
+            _print_progress(p)
+        return 0
+    rows = [jobs_api.job_status(a.address, a.job)] if a.job else jobs_api.list_jobs(a.address)
+    if a.json:
+        print(json.dumps(rows[0] if a.job else rows, indent=2))
+    else:
+        console.print(_jobs_table(rows, "job status" if a.job else "jobs"))
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster import jobs_api
+
+    rows = jobs_api.list_jobs(a.address)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(_jobs_table(rows, f"{len(rows)} jobs"))
+    return 0
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster import jobs_api
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    jobs_api.job_logs(a.address, a.job, a.follow, write)
+    return 0
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster import jobs_api
+
+    status = jobs_api.stop_job(a.address, a.job, wait_s=a.wait)
+    if a.json:
+        print(json.dumps({"submission_id": a.job, "status": status}))
+    else:
+        console.print(f"job {a.job}: stop requested; status {status}", soft_wrap=True)
+    return 0
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    import os
+
+    from kd_cluster.cluster import jobs_api, run_job
+
+    url = jobs_api.find_run(a.run, a.storage, a.endpoint_url)
+    spec, source = jobs_api.spec_for_resume(url, a.endpoint_url)
+    progress = jobs_api.run_progress(url, a.endpoint_url)
+    where = (f"stage {progress['stage']}" if not progress["finished"] else "all stages finished")
+    if (a.address or os.environ.get("RAY_ADDRESS")) and not a.no_ray:
+        from kd_cluster.train import plan_job
+
+        plan_job(spec, source, check_data="local")
+        (err if a.json else console).print(f"resuming run {spec.name} ({where}) on the cluster", soft_wrap=True)
+        sub = jobs_api.submit(spec, source, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
+                              ship_code=not a.installed_code)
+        if a.json:
+            print(json.dumps(sub.__dict__, indent=2))
+        else:
+            _print_submission(sub)
+        return 0
+    console.print(f"resuming run {spec.name} ({where}) here{' without Ray' if a.no_ray else ''}", soft_wrap=True)
+    result = run_job(spec, source, use_ray=not a.no_ray,
+                     on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
+                                                      f"{p.arch} ({p.spec.method.name})"))
+    _print_job(result)
+    console.print(f"checkpoints and artifacts: {url}", soft_wrap=True)
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
@@ -173,6 +330,61 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     r.set_defaults(fn=cmd_run)
 
+
+    def cluster_opts(q: argparse.ArgumentParser, json_out: bool = True) -> None:
+        q.add_argument("--address", default=None, help=_address_help())
+        if json_out:
+            q.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def env_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--env", action="append", default=[], metavar="NAME",
+                       help="also forward this environment variable (by name; repeatable)")
+        q.add_argument("--no-forward-env", action="store_true",
+                       help="forward no credentials (the cluster has its own, e.g. Kubernetes Secrets)")
+        q.add_argument("--installed-code", action="store_true",
+                       help="run the kd_cluster installed in the cluster's image instead of shipping this copy")
+
+    su = sub.add_parser("submit", help="validate a job here, then submit it to a Ray cluster (Jobs API)")
+    su.add_argument("job")
+    su.add_argument("overrides", nargs="*", help="dotted overrides, e.g. storage.path=s3://bucket/runs")
+    su.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:' (e.g. smoke)")
+    cluster_opts(su)
+    env_opts(su)
+    su.set_defaults(fn=cmd_submit)
+
+    st = sub.add_parser("status", help="a job's (or every job's) status on the cluster; or a run's stage from storage")
+    st.add_argument("job", nargs="?", help="submission id; or, with --storage / no address, a run name or URL")
+    st.add_argument("--storage", default=None, help="read a run's progress from storage (default ./runs when "
+                    "no address is set)")
+    st.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// storage")
+    cluster_opts(st)
+    st.set_defaults(fn=cmd_status)
+
+    lg = sub.add_parser("logs", help="a job's driver log")
+    lg.add_argument("job")
+    lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    cluster_opts(lg, json_out=False)
+    lg.set_defaults(fn=cmd_logs)
+
+    sp = sub.add_parser("stop", help="stop a job (its checkpoints stay; resume continues from the latest)")
+    sp.add_argument("job")
+    sp.add_argument("--wait", type=float, default=30.0, help="seconds to wait for STOPPED (default 30)")
+    cluster_opts(sp)
+    sp.set_defaults(fn=cmd_stop)
+
+    ls = sub.add_parser("list", help="every job on the cluster")
+    cluster_opts(ls)
+    ls.set_defaults(fn=cmd_list)
+
+    rs = sub.add_parser("resume", help="continue a run from its storage: on the cluster with an address, else here")
+    rs.add_argument("run", help="run name (under --storage) or the run's folder/URL")
+    rs.add_argument("--storage", default="./runs", help="storage path the run lives under (default ./runs)")
+    rs.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// storage")
+    rs.add_argument("--no-ray", action="store_true", help="run here in this process, without Ray (even with an address)")
+    cluster_opts(rs)
+    env_opts(rs)
+    rs.set_defaults(fn=cmd_resume)
+
     d = sub.add_parser("demo", help="mnist5k: teacher stage, function-matching distillation, scratch baseline")
     d.add_argument("overrides", nargs="*", help="overrides applied to both demo jobs")
     d.add_argument("--no-ray", action="store_true")
@@ -229,12 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except Exception as exc:
         from kd_cluster.cluster.driver import StageFailed
+        from kd_cluster.cluster.jobs_api import ClusterError, RunNotFound
         from kd_cluster.train.preempt import Preempted
 
         if isinstance(exc, Preempted):
             print(f"preempted: {exc}", file=sys.stderr)
             return EXIT_PREEMPTED
-        if not isinstance(exc, StageFailed):
+        if isinstance(exc, RunNotFound):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if not isinstance(exc, (StageFailed, ClusterError)):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
