@@ -304,6 +304,17 @@ def cmd_bench_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_checkpoint(a: argparse.Namespace) -> int:
+    from kd_cluster.train.bench_checkpoint import format_report, run
+
+    res = run(a.arch, a.optimizer, image_size=a.size, batch_size=a.batch, repeats=a.repeats, storage=a.storage,
+              endpoint_url=a.endpoint_url, block_size=a.block_size)
+    print(format_report(res))
+    if a.json:
+        print(json.dumps(res))
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from kd_cluster.config import JobSpec
 
@@ -409,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--workers", type=int, default=None)
     bd.add_argument("--size", type=int, default=None, help="output crop size (default 224)")
     bd.set_defaults(fn=cmd_bench_data)
+    bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
+    bc.add_argument("--arch", default="resnet50")
+    bc.add_argument("--optimizer", default="shampoo", choices=["shampoo", "adamw", "sgd"])
+    bc.add_argument("--block-size", type=int, default=128, help="Shampoo block size")
+    bc.add_argument("--size", type=int, default=224, help="image size of the reference training step")
+    bc.add_argument("--batch", type=int, default=16, help="batch size of the reference training step")
+    bc.add_argument("--repeats", type=int, default=3)
+    bc.add_argument("--storage", default=None, help="checkpoint URL (default: a local S3 server on 127.0.0.1)")
+    bc.add_argument("--endpoint-url", default=None)
+    bc.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    bc.set_defaults(fn=cmd_bench_checkpoint)
 
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
     sc.set_defaults(fn=cmd_schema)

@@ -50,12 +50,6 @@ def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED",
-                 "WANDB_API_KEY", "WANDB_BASE_URL", "KD_CLUSTER_CACHE")
-"""Environment variables a driver passes (by name, never written anywhere) to the workers of an existing cluster."""
-
-
 def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to a cluster (address or RAY_ADDRESS) or start a local one sized for the job."""
     import ray
@@ -64,9 +58,9 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # An existing cluster's workers do not see this shell: pass the credentials by name, in memory only.
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        # An existing cluster's workers use the cluster's own credentials (Kubernetes Secrets, instance roles);
+        # `kd-cluster submit` is the path that forwards the submitter's by name.
+        ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls; loopback only.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,

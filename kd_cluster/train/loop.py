@@ -247,7 +247,8 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
 
     ckpts = CheckpointStore(Store(plan.stage_url, spec.storage.endpoint_url))
     seed_all(spec.seed * 1_000_003 + rank)  # per-rank stochasticity (dropout), restored from checkpoints
-    start_step = _restore(plan, ckpts, rank, world, model=model, method=method, optimizer=optimizer, scheduler=sched)
+    start_step, rng = _restore(plan, ckpts, rank, world, model=model, method=method, optimizer=optimizer,
+                               scheduler=sched)
     # the tiny per-check all-reduce (preempted? checkpoint due?) runs on the CPU, never syncing the GPU stream
     flag_group = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() != "gloo" else None
     writer = CheckpointWriter(ckpts, spec.schedule.keep_checkpoints, spec.fault_tolerance.upload_retry_s) if rank == 0 else None
@@ -301,6 +302,8 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     if net is not None:
         net.train()
     method.train()
+    if rng is not None:  # last thing before the first step: building loaders and sinks draws from the RNGs
+        set_rng_state(rng)
     loop_t0 = time.perf_counter()
     for step in range(start_step, plan.total_steps):
         t0 = time.perf_counter()
@@ -406,23 +409,24 @@ def _wait_saved(writer: CheckpointWriter | None, world: int, group: Any, timeout
 
 
 def _restore(plan: StagePlan, ckpts: CheckpointStore, rank: int, world: int, *, model: nn.Module, method: Method,
-             optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
-    """Load the latest committed checkpoint (rank 0 reads the pointer, every rank the files); returns its step."""
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, dict[str, Any] | None]:
+    """Load the latest committed checkpoint (rank 0 reads the pointer, every rank the files).
+
+    Returns its step and this rank's RNG state, which the caller sets right before the first step.
+    """
     step = ckpts.latest() if rank == 0 else None
     if world > 1:
         box = [step]
         dist.broadcast_object_list(box, src=0)
         step = box[0]
     if step is None:
-        return 0
+        return 0, None
     state, rngs = restore_files(ckpts, step)
     _unwrap(model).load_state_dict(state["model"])
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     meta = state["meta"]
-    if rank < len(rngs):  # a run resumed with more workers than it had: new ranks keep their fresh seeds
-        set_rng_state(rngs[rank])
     spec = plan.spec
     if meta.get("loader_workers") != spec.data.loader_workers:
         raise ValueError(f"data.loader_workers changed from {meta.get('loader_workers')} to "
@@ -431,7 +435,8 @@ def _restore(plan: StagePlan, ckpts: CheckpointStore, rank: int, world: int, *, 
         note = "" if meta.get("world_size") == world else (
             f" (it was written by {meta.get('world_size')} workers, now {world}: the data order changes from here)")
         sys.stdout.write(f"[{plan.stage}] resumed from checkpoint at step {step}{note}\n")
-    return int(state["step"])
+    # a run resumed with more workers than it had: new ranks keep their fresh seeds
+    return int(state["step"]), (rngs[rank] if rank < len(rngs) else None)
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
