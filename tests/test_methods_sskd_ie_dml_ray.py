@@ -114,3 +114,44 @@ def test_ray_dml_peers_train_checkpoint_and_resume(ray_cluster: str, tiny_job, t
     assert more["resumed_from"] == 4 and more["steps"] == 8
     assert [m["step"] for m in _metrics(tmp_path, "dml", "main")] == [2, 4, 6, 8]
     assert not _same_tensors(load_file(root / "main" / "method.safetensors"), peers)  # the peer trained on
+
+
+def test_ray_dml_killed_midway_resumes_with_its_peer(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
+    """SIGKILL the driver after its first checkpoint; the same command resumes student and peer, no step
+    repeated or lost, and the peer's loss goes on from where it was rather than from a fresh network's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kd_cluster.cluster import run_job
+
+    job = tiny_job("dmlkill", stages=[], teacher=None, method={"name": "dml", "peers": ["cnn_xs"]},
+                   augment=NO_MIX, optimizer={"name": "adamw", "lr": 0.01}, schedule={"steps": 200, "warmup_steps": 0, "log_every": 5, "eval_every": 200,
+                                             "checkpoint_every": 10})
+    stage = tmp_path / "runs" / "dmlkill" / "main"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen([sys.executable, "-m", "kd_cluster.cli", "run", str(job)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        snapshot = stage / "checkpoint_manager_snapshot.json"
+        while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+            assert proc.poll() is None, "run ended before its first checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (stage / "stage.json").exists(), "the run finished before it could be stopped"
+    before = _metrics(tmp_path, "dmlkill", "main")
+    killed_at = max(m["step"] for m in before)
+
+    res = run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
+    resumed = res.stages["main"]["resumed_from"]
+    assert 10 <= resumed <= killed_at < 200
+    log = _metrics(tmp_path, "dmlkill", "main")
+    assert [m["step"] for m in log] == list(range(5, 201, 5))  # nothing repeated, nothing missing
+    first_after = next(m for m in log if m["step"] > resumed)
+    # the peer resumed trained: a fresh one would start again near ln(10) = 2.30, like the first log window
+    assert first_after["peer1_ce"] < log[0]["peer1_ce"] - 0.1
