@@ -5,7 +5,7 @@ stage; then every method trains the same ``cnn_xs`` student for the same number 
 seed (SSKD's head and IE-KD's auto-encoder get their own short stages on the frozen teacher; DML and
 IE-DML train a ``cnn_m`` peer from scratch alongside the student). Prints a markdown table.
 
-    python tests/benchmarks/methods_sskd_ie_dml_mnist5k.py [--steps 200] [--teacher-steps 300] [--aux-steps 60] [--seed 0]
+    python tests/benchmarks/methods_sskd_ie_dml_mnist5k.py [--steps 100] [--teacher-steps 150] [--aux-steps 30] [--seed 0]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def job(steps: int, teacher_steps: int, aux_steps: int, seed: int, root: Path) -
                  "batch_size": 64, "loader_workers": 1},
         "augment": {"crop_scale": [0.7, 1.0], "crop_ratio": [0.8, 1.25], "flip": False, "mixup_alpha": 0.0,
                     "eval_resize_ratio": 1.0},
-        "schedule": {"steps": steps, "warmup_steps": 20, "log_every": 50, "eval_every": steps,
+        "schedule": {"steps": steps, "warmup_steps": 10, "log_every": 50, "eval_every": steps,
                      "checkpoint_every": steps},
         "optimizer": {"name": "adamw", "lr": 0.006, "weight_decay": 0.0005, "grad_clip_norm": 5.0},
         "resources": {"num_workers": 1},
@@ -64,9 +64,9 @@ ROWS = [("from scratch (supervised)", "scratch"), ("KD (T=4, alpha=0.9)", "kd"),
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200, help="steps of every student stage")
-    ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--aux-steps", type=int, default=60, help="steps of the SSKD head and IE auto-encoder stages")
+    ap.add_argument("--steps", type=int, default=100, help="steps of every student stage")
+    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--aux-steps", type=int, default=30, help="steps of the SSKD head and IE auto-encoder stages")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
