@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_cluster.methods import METHODS, MethodError, StepOutputs, build_method, method_config
+from kd_cluster.methods import METHODS, Method, MethodError, StepOutputs, build_method, method_config
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
 T = torch.tensor([[1.0, 1.0, 0.0], [3.0, 0.0, -2.0]])
@@ -90,7 +90,8 @@ def test_supervised_label_smoothing() -> None:
     assert out["ce"].item() == pytest.approx(expect / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# methods that build modules from feature shapes in setup() are exercised in their own test files
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.setup is Method.setup))
 def test_every_method_returns_named_differentiable_terms(name: str) -> None:
     m = build_method(name, {})
     s = S.clone().requires_grad_(True)

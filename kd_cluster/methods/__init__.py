@@ -12,8 +12,11 @@ from pydantic import ValidationError
 
 from kd_cluster.methods.base import (Method, MethodConfig, Needs, SetupInfo, StepOutputs, all_gather_cat,
                                      mixed_cross_entropy, soft_kl)
+from kd_cluster.methods.dml import DML
 from kd_cluster.methods.funmatch import FixedTeacher, FunMatch, IndependentViews
+from kd_cluster.methods.ie_kd import IEDML, IEKD
 from kd_cluster.methods.kd import KD
+from kd_cluster.methods.sskd import SSKD
 from kd_cluster.methods.supervised import Supervised
 
 METHODS: dict[str, type[Method]] = {
@@ -22,6 +25,10 @@ METHODS: dict[str, type[Method]] = {
     "funmatch": FunMatch,
     "fixed_teacher": FixedTeacher,
     "independent_views": IndependentViews,
+    "sskd": SSKD,
+    "ie_kd": IEKD,
+    "ie_dml": IEDML,
+    "dml": DML,
 }
 
 
