@@ -87,18 +87,24 @@ def _print_submission(sub: Any) -> None:
                   soft_wrap=True)
 
 
-def cmd_submit(a: argparse.Namespace) -> int:
-    from kd_cluster.cluster.jobs_api import cluster_address, submit
+def _submit_and_print(spec: Any, source: str, a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.jobs_api import submit
 
-    cluster_address(a.address)  # a missing/malformed address fails before anything else
-    spec, _ = _load(a.job, a.overrides, "local", a.profile)  # same checks and exit code as `validate`
-    sub = submit(spec, a.job, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
+    sub = submit(spec, source, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
                  ship_code=not a.installed_code)
     if a.json:
         print(json.dumps(sub.__dict__, indent=2))
     else:
         _print_submission(sub)
     return 0
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.jobs_api import cluster_address
+
+    cluster_address(a.address)  # a missing/malformed address fails before anything else
+    spec, _ = _load(a.job, a.overrides, "local", a.profile)  # same checks and exit code as `validate`
+    return _submit_and_print(spec, a.job, a)
 
 
 def _fmt_time(t: float | None) -> str:
@@ -211,13 +217,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
         plan_job(spec, source, check_data="local")
         (err if a.json else console).print(f"resuming run {spec.name} ({where}) on the cluster", soft_wrap=True)
-        sub = jobs_api.submit(spec, source, a.address, extra_env=a.env, forward_defaults=not a.no_forward_env,
-                              ship_code=not a.installed_code)
-        if a.json:
-            print(json.dumps(sub.__dict__, indent=2))
-        else:
-            _print_submission(sub)
-        return 0
+        return _submit_and_print(spec, source, a)
     console.print(f"resuming run {spec.name} ({where}) here{' without Ray' if a.no_ray else ''}", soft_wrap=True)
     result = run_job(spec, source, use_ray=not a.no_ray,
                      on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "

@@ -335,10 +335,9 @@ def test_local_status_shows_the_stage_and_latest_checkpoint(tiny_job: Any, tmp_p
     run = tmp_path / "runs" / "st"
     Store(str(run / "teacher")).write_json("stage.json", {"steps": 6, "wall_s": 1.5,
                                                           "final_metrics": {"eval/student_top1": 0.25}})
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    (ck / "state.bin").write_bytes(b"x")
-    CheckpointStore(Store(str(run / "distill"))).save(ck, 4, keep=2)
+    ck = CheckpointStore(Store(str(run / "distill")))
+    ck.write_file(4, "state.pt", b"x")
+    ck.commit(4, keep=2)
     assert main(["status", "st", "--storage", str(tmp_path / "runs"), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["stage"] == "distill" and not p["finished"]
