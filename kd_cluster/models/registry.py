@@ -97,7 +97,7 @@ def _unknown_message(name: str) -> str:
     elif name.startswith(CIFAR_PREFIX):
         close = difflib.get_close_matches(name, cifar, n=5, cutoff=0.6)
     else:
-        close = difflib.get_close_matches(name, cifar, n=3, cutoff=0.6)  # e.g. "cifar_vgg13"
+        close = difflib.get_close_matches(name, cifar, n=3, cutoff=0.6) if "cifar" in name.lower() else []
         close += difflib.get_close_matches(name, small + tv, n=5, cutoff=0.6)
         close += [c for c in (CIFAR_PREFIX + n for n in difflib.get_close_matches(name, list(CIFAR_MODELS), n=3,
                                                                                    cutoff=0.75)) if c not in close]
