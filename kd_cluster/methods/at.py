@@ -9,8 +9,8 @@ Loss = ``beta / 2 * sum_j d_j + ce_weight * CE + kd_weight * T^2 KL``.
 We follow the authors' code: the squared difference averaged over positions, weighted by ``beta / 2``
 with ``beta = 1000`` in their CIFAR setup (the paper writes the p-norm of the difference, not its
 square, and ``beta / 2``; the CRD benchmark code uses ``beta`` without the halving, i.e. our
-``beta = 2000``). When the two maps of a pair differ in spatial size, the larger attention map is
-average-pooled (or the smaller one bilinearly resized) to the teacher's size before normalising.
+``beta = 2000``). When the two maps of a pair differ in spatial size, the student's attention map is
+resized to the teacher's (average-pooled when larger, bilinear when smaller) before normalising.
 """
 
 from __future__ import annotations
