@@ -274,17 +274,23 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(a: argparse.Namespace) -> int:
-    from kd_cluster.data import build_imagefolder, build_mnist5k
+    from kd_cluster.data import build_imagefolder, build_mnist5k, build_torchvision
     from kd_cluster.storage import absolute, storage_options
 
     out = absolute(a.out)
     opts = storage_options(out, a.endpoint_url)
+    if a.source not in ("mnist5k", "imagefolder") and not a.source.startswith("torchvision:"):
+        err.print(f"error: --source {a.source!r}: use mnist5k, imagefolder or torchvision:<Dataset> (e.g. torchvision:CIFAR100)")
+        return EXIT_USER_ERROR
+    if a.source != "mnist5k" and not a.root:
+        err.print(f"error: --root is required for --source {a.source}")
+        return EXIT_USER_ERROR
     if a.source == "mnist5k":
         manifests = build_mnist5k(out, seed=a.seed, shard_size=a.shard_size or 250, storage_options=opts)
+    elif a.source.startswith("torchvision:"):
+        manifests = build_torchvision(a.source.split(":", 1)[1], a.root, out, shard_size=a.shard_size or 1000,
+                                      storage_options=opts)
     else:
-        if not a.root:
-            err.print("error: --root is required for --source imagefolder")
-            return EXIT_USER_ERROR
         manifests = build_imagefolder(a.root, out, shard_size=a.shard_size or 1000, seed=a.seed, storage_options=opts)
     t = Table(title=f"shards written to {out}")
     for col in ("split", "samples", "shards", "classes", "manifest"):
@@ -405,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="dataset shards")
     ssub = s.add_subparsers(dest="shards_command", required=True)
     b = ssub.add_parser("build", help="write WebDataset shards + manifest to any fsspec URL")
-    b.add_argument("--source", choices=["mnist5k", "imagefolder"], required=True)
-    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*")
+    b.add_argument("--source", required=True, help="mnist5k, imagefolder, or torchvision:<Dataset> (a torchvision "
+                   "dataset already on disk under --root, e.g. torchvision:CIFAR100; never downloaded)")
+    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*; torchvision: its root")
     b.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
     b.add_argument("--shard-size", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)

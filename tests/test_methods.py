@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_cluster.methods import METHODS, Method, MethodError, StepOutputs, build_method, method_config
+from kd_cluster.methods import METHODS, Method, MethodError, SetupInfo, StepOutputs, build_method, method_config
 
 S = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
 T = torch.tensor([[1.0, 1.0, 0.0], [3.0, 0.0, -2.0]])
@@ -90,12 +90,28 @@ def test_supervised_label_smoothing() -> None:
     assert out["ce"].item() == pytest.approx(expect / 2, rel=1e-5)
 
 
-# methods that build modules from feature shapes in setup() are exercised in their own test files
-@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.setup is Method.setup))
+# Settings for methods that have required ones (feature taps); every other method is built with {}.
+EXAMPLE_SETTINGS = {
+    "fitnet": {"student_layer": "f", "teacher_layer": "f"},
+    "at": {"student_layers": ["f"], "teacher_layers": ["f"]},
+    "pad": {"student_layer": "f", "teacher_layer": "f"},
+    "crd": {"student_layer": "f", "teacher_layer": "f", "num_negatives": 4},
+}
+
+
+# methods with required settings get them here; others that build modules from real feature shapes in
+# setup() are exercised in their own test files
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.setup is Method.setup or n in EXAMPLE_SETTINGS))
 def test_every_method_returns_named_differentiable_terms(name: str) -> None:
-    m = build_method(name, {})
+    m = build_method(name, EXAMPLE_SETTINGS.get(name, {}))
     s = S.clone().requires_grad_(True)
-    out = m(StepOutputs(student_logits=s, teacher_logits=T, labels=Y, lam=0.8))
+    g = torch.Generator().manual_seed(0)
+    out = StepOutputs(student_logits=s, teacher_logits=T, labels=Y, lam=0.8,
+                      student_features={k: torch.randn(2, 4, 3, 3, generator=g) for k in m.needs.student_features},
+                      teacher_features={k: torch.randn(2, 5, 3, 3, generator=g) for k in m.needs.teacher_features},
+                      index=torch.arange(2) if m.needs.index else None)
+    m.setup(out, SetupInfo(num_classes=3, num_samples=10, world_size=1, total_steps=10))
+    out = m(out)
     assert out and all(v.ndim == 0 for v in out.values())
     torch.stack(list(out.values())).sum().backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()

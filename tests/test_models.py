@@ -91,7 +91,7 @@ def test_timm_model_builds() -> None:
 def test_bare_timm_name_and_tag_accepted() -> None:
     check_model_name("resnetv2_50x1_bit")  # only timm knows it
     check_model_name("timm:resnet50.a1_in1k")  # a pretrained tag is allowed (and unused)
-    assert set(available_models()) == {"small", "torchvision", "timm"}
+    assert set(available_models()) == {"small", "cifar", "torchvision", "timm"}
 
 
 def test_available_models() -> None:

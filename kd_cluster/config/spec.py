@@ -113,9 +113,14 @@ class ScheduleSpec(Strict):
     epochs: float | None = Field(None, gt=0, description="Total epochs over the train split; converted to "
                                  "steps from the manifest's sample count and the global batch size.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up from 0.")
-    decay: Literal["cosine", "quadratic", "constant"] = Field("cosine", description="LR decay after warm-up: "
-                                                           "cosine to 0; quadratic (1 - progress)^2 to 0, the "
-                                                           "patient function-matching Shampoo schedule; or constant.")
+    decay: Literal["cosine", "quadratic", "constant", "multistep"] = Field(
+        "cosine", description="LR decay after warm-up: cosine to 0; quadratic (1 - progress)^2 to 0, the patient "
+        "function-matching Shampoo schedule; constant; or multistep: times gamma at each milestone.")
+    milestones: list[float] = Field(default_factory=list, description="multistep: when the LR is multiplied by "
+                                    "gamma, in milestone_unit (e.g. [150, 180, 210] epochs).")
+    milestone_unit: Literal["epochs", "steps"] = Field("epochs", description="Unit of milestones; epochs are "
+                                                       "converted with the train split's size and the global batch.")
+    gamma: float = Field(0.1, gt=0, description="multistep: the LR factor applied at each milestone.")
     log_every: int = Field(20, ge=1, description="Steps between metric logs (the only host syncs).")
     eval_every: int | None = Field(None, ge=1, description="Steps between evaluations (and always at the end).")
     checkpoint_every: int | None = Field(None, ge=1, description="Steps between checkpoints (and always at the end).")
@@ -127,6 +132,11 @@ class ScheduleSpec(Strict):
     def _steps_or_epochs(self) -> "ScheduleSpec":
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of 'steps' or 'epochs'")
+        if self.decay == "multistep":
+            if not self.milestones or any(m <= 0 for m in self.milestones) or self.milestones != sorted(self.milestones):
+                raise ValueError(f"decay multistep needs milestones: increasing positive numbers, got {self.milestones}")
+        elif self.milestones:
+            raise ValueError(f"milestones are used only with decay: multistep (decay is {self.decay!r})")
         return self
 
 

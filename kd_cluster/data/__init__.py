@@ -1,6 +1,6 @@
 """kd_cluster.data: sharded datasets (WebDataset tar + manifest on any fsspec URL) and deterministic streams.
 
-Writing: :func:`write_split`, :func:`build_imagefolder`, :func:`build_mnist5k`.
+Writing: :func:`write_split`, :func:`build_imagefolder`, :func:`build_mnist5k`, :func:`build_torchvision`.
 Finding: :func:`load_manifest` (URL, folder, or ``builtin://mnist5k/train``).
 Reading: :class:`TrainStream` + :func:`make_train_loader`, :class:`EvalStream`; batch mixup with
 :func:`mixup_lambda` and :func:`mixup`. The determinism contract is in :mod:`kd_cluster.data.stream`.
@@ -13,7 +13,7 @@ from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
 from .stream import EvalStream, TrainStream, make_train_loader
-from .writer import build_imagefolder, build_mnist5k, write_split
+from .writer import build_imagefolder, build_mnist5k, build_torchvision, write_split
 
 __all__ = [
     "AugmentParams",
@@ -24,6 +24,7 @@ __all__ = [
     "TrainStream",
     "build_imagefolder",
     "build_mnist5k",
+    "build_torchvision",
     "builtin_names",
     "cache_dir",
     "is_builtin",

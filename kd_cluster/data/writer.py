@@ -18,6 +18,7 @@ import gzip
 import importlib.resources
 import io
 import itertools
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -205,6 +206,68 @@ def build_imagefolder(
             progress=progress,
             total=len(files),
         )
+    return out
+
+
+def build_torchvision(
+    dataset: str,
+    root: str,
+    out_url: str,
+    *,
+    shard_size: int = 1000,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Manifest]:
+    """Shard a torchvision dataset that is already on disk under ``root`` (``download=False``, never fetched).
+
+    ``dataset`` is a class name in ``torchvision.datasets`` (``CIFAR100``, ``CIFAR10``, ``MNIST``,
+    ``FashionMNIST``, ...) whose constructor takes ``root`` and a ``train`` flag: ``train=True`` becomes
+    the ``train`` split, ``train=False`` the ``val`` split. Images are stored as lossless PNG (grayscale
+    stays 1 channel, anything else is converted to RGB); a sample's stable index is its position in the
+    dataset; classes are the dataset's ``classes`` (or the label numbers). A dataset torchvision cannot
+    find raises one-line :class:`DataError` naming the folder and what torchvision expected there.
+    """
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, dataset, None)
+    if not (isinstance(cls, type) and issubclass(cls, tvd.VisionDataset)):
+        known = sorted(n for n in dir(tvd) if isinstance(getattr(tvd, n), type)
+                       and issubclass(getattr(tvd, n), tvd.VisionDataset) and n != "VisionDataset")
+        raise DataError(f"torchvision:{dataset}: not a torchvision dataset; e.g. {', '.join(known[:12])}, ...")
+    if "train" not in inspect.signature(cls).parameters:
+        raise DataError(f"torchvision:{dataset}: its constructor has no 'train' flag; shard it from an "
+                        "image folder instead (--source imagefolder)")
+    root = os.path.abspath(os.path.expanduser(root))
+    out: dict[str, Manifest] = {}
+    for split, train in (("train", True), ("val", False)):
+        try:
+            ds = cls(root=root, train=train, download=False)
+        except (RuntimeError, FileNotFoundError, OSError) as exc:
+            folder = getattr(cls, "base_folder", None) or getattr(cls, "raw_folder", None)
+            where = os.path.join(root, folder) if isinstance(folder, str) else f"{root}/{dataset}/raw"
+            msg = " ".join(str(exc).split())
+            raise DataError(f"torchvision:{dataset}: no usable dataset in {root} (torchvision expected its "
+                            f"files under {where}: {msg})") from None
+        classes = [str(c) for c in getattr(ds, "classes", None) or []]
+        if not classes:
+            targets = getattr(ds, "targets", None)
+            classes = [str(c) for c in range(int(max(targets)) + 1)] if targets is not None else []
+        first = ds[0][0]
+        channels = 1 if getattr(first, "mode", "RGB") == "L" else 3
+
+        def samples(ds: Any = ds, channels: int = channels) -> Iterator[tuple[bytes, str, int]]:
+            for i in range(len(ds)):
+                image, label = ds[i]
+                image = image.convert("L" if channels == 1 else "RGB")
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                yield buf.getvalue(), "png", int(label)
+
+        out[split] = write_split(samples(), out_url, name=dataset.lower(), split=split, classes=classes,
+                                 channels=channels, shard_size=shard_size, storage_options=storage_options,
+                                 progress=progress, total=len(ds))
     return out
 
 

@@ -12,10 +12,14 @@ from pydantic import ValidationError
 
 from kd_cluster.methods.base import (Method, MethodConfig, Needs, SetupInfo, StepOutputs, all_gather_cat,
                                      mixed_cross_entropy, soft_kl)
+from kd_cluster.methods.at import AT
+from kd_cluster.methods.crd import CRD
 from kd_cluster.methods.dml import DML
+from kd_cluster.methods.fitnet import FitNet
 from kd_cluster.methods.funmatch import FixedTeacher, FunMatch, IndependentViews
 from kd_cluster.methods.ie_kd import IEDML, IEKD
 from kd_cluster.methods.kd import KD
+from kd_cluster.methods.pad import PAD
 from kd_cluster.methods.sskd import SSKD
 from kd_cluster.methods.supervised import Supervised
 
@@ -25,6 +29,10 @@ METHODS: dict[str, type[Method]] = {
     "funmatch": FunMatch,
     "fixed_teacher": FixedTeacher,
     "independent_views": IndependentViews,
+    "fitnet": FitNet,
+    "at": AT,
+    "pad": PAD,
+    "crd": CRD,
     "sskd": SSKD,
     "ie_kd": IEKD,
     "ie_dml": IEDML,

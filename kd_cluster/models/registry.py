@@ -3,9 +3,12 @@
 Resolution order for a name:
 
 1. a small CNN (``cnn_xs``, ``cnn_s``, ``cnn_m``, ``cnn_l``);
-2. a torchvision classification model (``torchvision.models.list_models(module=torchvision.models)``);
-3. ``timm:<name>`` for any timm architecture (a ``.tag`` suffix is accepted and ignored);
-4. a bare name that only timm knows.
+2. ``cifar:<name>`` for the CIFAR distillation benchmark family (``cifar:resnet8x4``, ``cifar:vgg13``, ...,
+   see :mod:`kd_cluster.models.cifar`);
+3. a torchvision classification model (``torchvision.models.list_models(module=torchvision.models)``);
+4. a bare CIFAR-family name that torchvision does not have (``resnet8x4``, ``wrn_40_2``; not ``vgg13``);
+5. ``timm:<name>`` for any timm architecture (a ``.tag`` suffix is accepted and ignored);
+6. a bare name that only timm knows.
 
 Models are always randomly initialised; weights come from ``load_weights``.
 """
@@ -19,6 +22,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from kd_cluster.models.cifar import CIFAR_MODELS, CIFAR_PREFIX
 from kd_cluster.models.errors import ModelError
 from kd_cluster.models.small import SMALL_MODELS
 
@@ -49,11 +53,13 @@ def _is_timm_model(name: str) -> bool:
 def available_models() -> dict[str, list[str]]:
     """Every model name ``build_model`` accepts, by source.
 
-    Returns ``{"small": [...], "torchvision": [...], "timm": [...]}``; timm names are given bare
-    and are built as ``"timm:<name>"`` (or bare, where no small CNN or torchvision model has the name).
+    Returns ``{"small": [...], "cifar": [...], "torchvision": [...], "timm": [...]}``; CIFAR names are
+    given with their ``cifar:`` prefix; timm names are given bare and are built as ``"timm:<name>"``
+    (or bare, where no small CNN or torchvision model has the name).
     """
     return {
         "small": list(SMALL_MODELS),
+        "cifar": [CIFAR_PREFIX + n for n in CIFAR_MODELS],
         "torchvision": list(_torchvision_names()),
         "timm": list(_timm_names()),
     }
@@ -65,8 +71,12 @@ def _resolve(name: str) -> tuple[str, str]:
         raise ModelError(f"model name must be a string, got {type(name).__name__} {name!r}")
     if name in SMALL_MODELS:
         return "small", name
+    if name.startswith(CIFAR_PREFIX) and name[len(CIFAR_PREFIX):] in CIFAR_MODELS:
+        return "cifar", name[len(CIFAR_PREFIX):]
     if name in _torchvision_names():
         return "torchvision", name
+    if name in CIFAR_MODELS:
+        return "cifar", name
     if name.startswith(TIMM_PREFIX):
         timm_name = name[len(TIMM_PREFIX) :]
         if _is_timm_model(timm_name):
@@ -80,11 +90,17 @@ def _unknown_message(name: str) -> str:
     small = list(SMALL_MODELS)
     tv = list(_torchvision_names())
     timm_names = list(_timm_names())
+    cifar = [CIFAR_PREFIX + n for n in CIFAR_MODELS]
     if name.startswith(TIMM_PREFIX):
         bare = name[len(TIMM_PREFIX) :]
         close = [TIMM_PREFIX + n for n in difflib.get_close_matches(bare, timm_names, n=5, cutoff=0.6)]
+    elif name.startswith(CIFAR_PREFIX):
+        close = difflib.get_close_matches(name, cifar, n=5, cutoff=0.6)
     else:
-        close = difflib.get_close_matches(name, small + tv, n=5, cutoff=0.6)
+        close = difflib.get_close_matches(name, cifar, n=3, cutoff=0.6) if "cifar" in name.lower() else []
+        close += difflib.get_close_matches(name, small + tv, n=5, cutoff=0.6)
+        close += [c for c in (CIFAR_PREFIX + n for n in difflib.get_close_matches(name, list(CIFAR_MODELS), n=3,
+                                                                                   cutoff=0.75)) if c not in close]
         if len(close) < 5:
             close += [
                 TIMM_PREFIX + n
@@ -94,6 +110,7 @@ def _unknown_message(name: str) -> str:
     examples = [n for n in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "vit_b_16") if n in tv]
     message = (
         f"unknown model {name!r}; small CNNs: {', '.join(small)}; "
+        f"CIFAR family: {', '.join(cifar)}; "
         f"torchvision: e.g. {', '.join(examples)}, ... ({len(tv)} models); "
         f"timm: prefix with {TIMM_PREFIX!r} (e.g. timm:resnetv2_50x1_bit; {len(timm_names)} models)"
     )
@@ -126,6 +143,8 @@ def build_model(name: str, *, num_classes: int, in_chans: int = 3) -> nn.Module:
     source, resolved = _resolve(name)
     if source == "small":
         return SMALL_MODELS[resolved](num_classes=num_classes, in_chans=in_chans)
+    if source == "cifar":
+        return CIFAR_MODELS[resolved](num_classes=num_classes, in_chans=in_chans)
     if source == "torchvision":
         return _build_torchvision(resolved, num_classes=num_classes, in_chans=in_chans)
     import timm

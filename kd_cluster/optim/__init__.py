@@ -8,13 +8,14 @@ patient runs used). Its state holds small helper objects (preconditioner and gra
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from kd_cluster.config import OptimizerSpec
+from kd_cluster.config import OptimizerSpec, ScheduleSpec
 
 
 def effective_lr(spec: OptimizerSpec, global_batch_size: int) -> float:
@@ -88,13 +89,16 @@ def optimizer_safe_globals() -> list[type]:
     return classes
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str, milestones: Sequence[int] = (),
+              gamma: float = 0.1) -> float:
     """Multiplier of the peak LR at ``step``: linear warm-up from 0, then cosine to 0, quadratic
-    ``(1 - progress)^2`` to 0, or constant."""
+    ``(1 - progress)^2`` to 0, constant, or multistep (``gamma ** (number of milestone steps <= step)``)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay == "constant":
         return 1.0
+    if decay == "multistep":
+        return gamma ** bisect.bisect_right(list(milestones), step)
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     if decay == "quadratic":
@@ -102,12 +106,20 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def milestone_steps(spec: ScheduleSpec, num_samples: int, global_batch_size: int) -> list[int]:
+    """The multistep milestones as optimizer steps (epochs converted with the split size and global batch)."""
+    if spec.milestone_unit == "steps":
+        return [round(m) for m in spec.milestones]
+    return [round(m * num_samples / global_batch_size) for m in spec.milestones]
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                   decay: str) -> torch.optim.lr_scheduler.LambdaLR:
+                   decay: str, milestones: Sequence[int] = (), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepping once per optimizer step (its state is just the step counter)."""
+    ms = list(milestones)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, decay))
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, decay, ms, gamma))
 
 
-__all__ = ["build_optimizer", "build_schedule", "effective_lr", "lr_factor", "optimizer_safe_globals", "optimizer_step",
-           "param_groups"]
+__all__ = ["build_optimizer", "build_schedule", "effective_lr", "lr_factor", "milestone_steps",
+           "optimizer_safe_globals", "optimizer_step", "param_groups"]

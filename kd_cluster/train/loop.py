@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
 from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method
 from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
-from kd_cluster.optim import build_optimizer, build_schedule, optimizer_step
+from kd_cluster.optim import build_optimizer, build_schedule, milestone_steps, optimizer_step
 from kd_cluster.storage import CheckpointStore, Store, storage_options
 from kd_cluster.teacher import ColocatedTeacher
 from kd_cluster.telemetry import Fanout, JsonlSink, NullSink, Progress, Sink, WandbSink, resolve_wandb_mode
@@ -243,7 +243,9 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     method_params = [p for p in method.parameters() if p.requires_grad]
     trainable = [model, method] if needs.student else [method]
     optimizer = build_optimizer(spec.optimizer, trainable, spec.data.batch_size)
-    sched = build_schedule(optimizer, plan.total_steps, spec.schedule.warmup_steps, spec.schedule.decay)
+    sched = build_schedule(optimizer, plan.total_steps, spec.schedule.warmup_steps, spec.schedule.decay,
+                           milestone_steps(spec.schedule, train_manifest.num_samples, spec.data.batch_size),
+                           spec.schedule.gamma)
 
     ckpts = CheckpointStore(Store(plan.stage_url, spec.storage.endpoint_url))
     seed_all(spec.seed * 1_000_003 + rank)  # per-rank stochasticity (dropout), restored from checkpoints
