@@ -12,13 +12,14 @@ from kd_cluster.config import load_job
 from kd_cluster.train import plan_job
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-FAMILY = sorted([*(JOBS / "cifar100").glob("*.yaml"), *(JOBS / "imagenet").glob("*.yaml")])
+# the feature-method benchmark jobs (other files in these folders have their own tests)
+FAMILY = [JOBS / f"{name}.yaml" for name in (
+    "cifar100/kd", "cifar100/fitnet", "cifar100/fitnet_two_stage", "cifar100/at", "cifar100/pad", "cifar100/crd",
+    "imagenet/kd", "imagenet/at", "imagenet/pad")]
 
 
-def test_every_family_job_is_listed() -> None:
-    names = {f"{p.parent.name}/{p.stem}" for p in FAMILY}
-    assert {"cifar100/kd", "cifar100/fitnet", "cifar100/fitnet_two_stage", "cifar100/at", "cifar100/pad",
-            "cifar100/crd", "imagenet/kd", "imagenet/at", "imagenet/pad"} <= names
+def test_every_family_job_exists() -> None:
+    assert all(p.is_file() for p in FAMILY)
 
 
 @pytest.mark.parametrize("job", FAMILY, ids=lambda p: f"{p.parent.name}/{p.stem}")

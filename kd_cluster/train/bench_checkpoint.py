@@ -33,6 +33,9 @@ def _local_s3() -> tuple[Any, str, str]:
 
     for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ.setdefault(k, v)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
