@@ -29,8 +29,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--lr", type=float, default=0.006, help="peak LR of both optimizers")
+    ap.add_argument("--work", default=None, help="folder of an earlier run of this script: resume it")
     a = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="kdc-shampoo-"))
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="kdc-shampoo-"))
     sched = {"steps": a.steps, "warmup_steps": a.steps // 20, "eval_every": a.eval_every, "log_every": a.eval_every,
              "checkpoint_every": a.steps}
     job = {
