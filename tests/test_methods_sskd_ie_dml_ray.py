@@ -136,8 +136,8 @@ def test_ray_dml_killed_midway_resumes_with_its_peer(ray_cluster: str, tiny_job,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     try:
-        snapshot = stage / "checkpoint_manager_snapshot.json"
-        while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        latest = stage / "checkpoints" / "latest.json"  # written when the first checkpoint is complete
+        while time.time() < deadline and not latest.exists():
             assert proc.poll() is None, "run ended before its first checkpoint"
             time.sleep(0.2)
     finally:

@@ -30,6 +30,8 @@ SECRET = "kdcTESTsecretVALUE-9f8e7d6c5b4a"
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     full = {**os.environ, "COLUMNS": "200"}  # rich tables unwrapped
     full.pop("RAY_ADDRESS", None)
+    for name in jobs_api.FORWARDED_ENV:  # only what a test passes (the session's S3 fixture sets some)
+        full.pop(name, None)
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "kd_cluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=full)
@@ -279,9 +281,10 @@ def test_submission_ships_resolved_spec_and_code_and_env_by_name(tiny_job: Any, 
     fake = FakeClient()
     monkeypatch.setattr(jobs_api, "client", lambda address: fake)
     monkeypatch.chdir(tmp_path)
+    for name in jobs_api.FORWARDED_ENV:  # the session's S3 fixture sets some of them
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("KDC_EXTRA", SECRET)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     sub = jobs_api.submit(spec, "ship.yaml", "http://127.0.0.1:8265", extra_env=["KDC_EXTRA"])
     sent = fake.sent
     assert sent["runtime_env"]["env_vars"] == {"AWS_SECRET_ACCESS_KEY": SECRET, "KDC_EXTRA": SECRET}
