@@ -324,7 +324,7 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     from kd_cluster.train import plan_job
 
     spec = load_job(a.job, profile=a.profile) if a.profile else load_job(a.job)
-    plans = [p for p in plan_job(spec, str(a.job), check_data="none")
+    plans = [p for p in plan_job(spec, str(a.job), check_data="all")
              if p.teacher_arch and method_needs(p.spec.method.name, p.spec.method.params()).teacher]
     if not plans:
         raise SystemExit(f"{a.job}: no stage of this job uses a teacher; nothing to benchmark")
