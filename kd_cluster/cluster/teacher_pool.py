@@ -127,7 +127,8 @@ def bench_teacher_ray(b: Any, *, cores: int, replicas: int, prefetches: tuple[in
                 key = f"actors, prefetch {p}: {students} worker(s) + {replicas} teacher(s)"
                 res = ray.get([_bench_worker.remote(b, "actors", handles, p, r) for r in range(students)])
                 out.setdefault(key, []).append(sum(r["images_per_s"] for r in res))
-                for k in ("teacher/up_bytes_per_image", "teacher/down_bytes_per_image"):
+                for k in ("teacher/up_bytes_per_image", "teacher/down_bytes_per_image", "teacher/compute_p50_s",
+                          "teacher/latency_p50_s", "teacher/wait_s_per_step"):
                     if k in res[0]:
                         extra[k.split("/")[1]] = res[0][k]
     finally:
