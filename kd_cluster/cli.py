@@ -321,6 +321,51 @@ def cmd_bench_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_teacher(a: argparse.Namespace) -> int:
+    import os
+
+    from kd_cluster.config import load_job
+    from kd_cluster.methods import method_needs
+    from kd_cluster.teacher import bench
+    from kd_cluster.train import plan_job
+
+    spec = load_job(a.job, profile=a.profile) if a.profile else load_job(a.job)
+    plans = [p for p in plan_job(spec, str(a.job), check_data="all")
+             if p.teacher_arch and method_needs(p.spec.method.name, p.spec.method.params()).teacher]
+    if not plans:
+        raise SystemExit(f"{a.job}: no stage of this job uses a teacher; nothing to benchmark")
+    p = plans[0]
+    workers = p.spec.resources.num_workers
+    b = bench.BenchSetup(student=p.arch, teacher=p.teacher_arch, batch=a.batch or max(1, p.spec.data.batch_size // workers),
+                         image_size=p.spec.data.image_size, channels=p.channels or 3,
+                         num_classes=p.num_classes or 1000, steps=a.steps, threads=1)
+    load0 = os.getloadavg()
+    print(f"[{p.stage}] student {b.student}, teacher {b.teacher}, batch {b.batch} per worker, "
+          f"{b.image_size} px, {a.steps} timed steps, 1 torch thread per process")
+    s_rates, t_rates = [], []
+    for _ in range(a.rounds):
+        s_rates.append(bench.student_rate(b))
+        t_rates.append(bench.teacher_rate(b))
+    import statistics
+
+    rounds: dict = {}
+    extra: dict = {}
+    if not a.no_ray:
+        from kd_cluster.cluster import ensure_ray
+        from kd_cluster.cluster.teacher_pool import bench_teacher_ray
+
+        ensure_ray(a.address, a.cores)
+        r = bench_teacher_ray(b, cores=a.cores, replicas=a.replicas, prefetches=tuple(a.prefetch), rounds=a.rounds)
+        rounds = r.pop("rounds")
+        extra = r
+    res = bench.summarize(rounds, statistics.median(s_rates), statistics.median(t_rates)) | extra
+    res["load"] = f"{'/'.join(f'{x:.1f}' for x in load0)} -> {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
+    print(bench.format_table(res))
+    if a.json:
+        print(json.dumps(res))
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from kd_cluster.config import JobSpec
 
@@ -438,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--endpoint-url", default=None)
     bc.add_argument("--json", action="store_true", help="also print the figures as JSON")
     bc.set_defaults(fn=cmd_bench_checkpoint)
+    bt = bsub.add_parser("teacher", help="student and teacher rates; end to end with the teacher colocated vs on "
+                         "teacher actors (prefetch 0/1/2) at equal total cores")
+    bt.add_argument("job", type=Path)
+    bt.add_argument("--profile", default=None)
+    bt.add_argument("--batch", type=int, default=None, help="per-worker batch (default: the job's per-worker batch)")
+    bt.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    bt.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table shows medians")
+    bt.add_argument("--cores", type=int, default=2, help="total CPUs of each end-to-end configuration")
+    bt.add_argument("--replicas", type=int, default=1, help="teacher actors (1 CPU each) in the actors configuration")
+    bt.add_argument("--prefetch", type=int, nargs="+", default=[0, 1, 2])
+    bt.add_argument("--no-ray", action="store_true", help="student and teacher rates only, in this process")
+    bt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(fn=cmd_bench_teacher)
 
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
     sc.set_defaults(fn=cmd_schema)

@@ -36,7 +36,12 @@ def _train_fn(config: dict[str, Any]) -> None:
     from kd_cluster.cluster.ray_session import RaySession
 
     plan = config["plan"]
-    run_stage(plan, RaySession(plan.spec.fault_tolerance.preemption_grace_s))
+    pool = None
+    if config.get("teacher_pool"):
+        from kd_cluster.cluster.teacher_pool import RayTeacherPool
+
+        pool = RayTeacherPool(config["teacher_pool"])
+    run_stage(plan, RaySession(plan.spec.fault_tolerance.preemption_grace_s), teacher_pool=pool)
 
 
 def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
@@ -67,8 +72,33 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
                  configure_logging=True, logging_level="WARNING")
 
 
+def uses_teacher_actors(plan: StagePlan) -> bool:
+    """Whether this stage runs its teacher on a pool of teacher actors."""
+    from kd_cluster.methods import method_needs
+
+    spec = plan.spec
+    return (spec.teacher is not None and spec.teacher.placement == "actors" and plan.teacher_arch is not None
+            and method_needs(spec.method.name, spec.method.params()).teacher)
+
+
 def fit_stage_ray(plan: StagePlan) -> None:
-    """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU)."""
+    """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU).
+
+    With ``teacher.placement: actors`` the teacher actors are started (each loads the teacher) before the
+    workers, handed to them in the loop config, and stopped when the stage ends."""
+    handles: list[Any] = []
+    if uses_teacher_actors(plan):
+        from kd_cluster.cluster.teacher_pool import start_teacher_pool, stop_teacher_pool
+
+        handles = start_teacher_pool(plan)
+    try:
+        _fit(plan, handles)
+    finally:
+        if handles:
+            stop_teacher_pool(handles)
+
+
+def _fit(plan: StagePlan, teacher_pool: list[Any]) -> None:
     from ray.train import (FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -79,7 +109,7 @@ def fit_stage_ray(plan: StagePlan) -> None:
     path, fs = _storage_for_ray(root, spec.storage.endpoint_url)
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"plan": plan},
+        train_loop_config={"plan": plan, "teacher_pool": teacher_pool},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
@@ -141,6 +171,8 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
             on_stage(plan)
         if use_ray:
             need = math.ceil(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker)
+            if uses_teacher_actors(plan):
+                need += math.ceil(plan.spec.teacher.replicas * plan.spec.teacher.num_cpus)
             ensure_ray(address, max(need, os.cpu_count() or 1))
             fit_stage_ray(plan)
         else:

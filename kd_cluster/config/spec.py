@@ -35,8 +35,23 @@ class ModelSpec(Strict):
 class TeacherSpec(ModelSpec):
     """The frozen teacher."""
 
-    placement: Literal["colocated"] = Field("colocated", description="Where the teacher runs. "
-                                            "'colocated': on each training worker's device.")
+    placement: Literal["colocated", "actors"] = Field(
+        "colocated", description="Where the teacher runs. 'colocated': on each training worker's device. "
+        "'actors': on a pool of teacher-inference actors the driver starts before the training workers; "
+        "workers send uint8 crops plus mixup parameters and get back the outputs the method needs.")
+    replicas: int = Field(1, ge=1, description="Teacher actors in the pool (placement: actors).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per teacher actor (placement: actors).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per teacher actor (placement: actors).")
+    resource: str | None = Field(None, description="A custom Ray resource each teacher actor requests one "
+                                 "unit of, e.g. 'teacher' for the teacher worker group in deploy/k8s.")
+    prefetch: int = Field(1, ge=0, description="Steps whose teacher requests are in flight ahead of the step "
+                          "being trained (placement: actors); 0 waits for each step's outputs.")
+    max_in_flight: int = Field(4, ge=1, description="At most this many requests in flight per training worker "
+                               "(back-pressure); the effective prefetch is min(prefetch, max_in_flight - 1).")
+    max_restarts: int = Field(3, ge=-1, description="How often Ray restarts a dead teacher actor (-1: always).")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request not answered in this time is retried "
+                                     "on another replica.")
+    max_retries: int = Field(5, ge=0, description="Retries of one request before the step fails.")
 
 
 class MethodSpec(BaseModel):

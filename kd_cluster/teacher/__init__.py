@@ -38,8 +38,8 @@ class ColocatedTeacher:
         logits, feats = out if isinstance(out, tuple) else (out, {})
         return logits.float(), {k: v.float() for k, v in feats.items()}
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits only."""
+    def logits(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits only (``raw``, the uint8 batch, is what a remote teacher sends instead of ``x``)."""
         return self(x)[0]
 
 

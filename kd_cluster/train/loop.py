@@ -21,11 +21,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
-from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method
+from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method, method_needs
 from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
 from kd_cluster.optim import build_optimizer, build_schedule, milestone_steps, optimizer_step
 from kd_cluster.storage import CheckpointStore, Store, storage_options
 from kd_cluster.teacher import ColocatedTeacher
+from kd_cluster.teacher.remote import LocalPool, RemoteTeacher, build_server, server_config
 from kd_cluster.telemetry import Fanout, JsonlSink, NullSink, Progress, Sink, WandbSink, resolve_wandb_mode
 from kd_cluster.train.plan import StagePlan
 from kd_cluster.train.session import Session
@@ -111,7 +112,7 @@ def evaluate(model: nn.Module | None, teacher: ColocatedTeacher | None, loader: 
             acc[0] += (s_pred == y).sum()
             acc[1] += (topk == y[:, None]).any(dim=1).sum()
         if teacher is not None:
-            t_pred = teacher.logits(x).argmax(dim=1)
+            t_pred = teacher.logits(x, raw=batch["image"]).argmax(dim=1)
             acc[2] += (t_pred == y).sum()
             if s_pred is not None:
                 acc[3] += (t_pred == s_pred).sum()
@@ -137,7 +138,9 @@ def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module | None, teac
     x = norm(batch["image"].to(device, non_blocking=True))
     x = method.expand(mixup(x, lam) if lam < 1.0 else x)
     t_logits, t_feats = None, {}
-    if teacher is not None:
+    if teacher is not None and "teacher_out" in batch:  # a teacher pool computed them (same views and mixup)
+        t_logits, t_feats = teacher.outputs(batch["teacher_out"])
+    elif teacher is not None:
         if "image_t" in batch:  # the method asked for another view: center crop (no mixup) or a second crop
             xt = norm(batch["image_t"].to(device, non_blocking=True))
             if needs.teacher_view == "independent" and lam < 1.0:
@@ -206,8 +209,12 @@ def _sinks(plan: StagePlan, session: Session, start_step: int) -> tuple[Sink, Wa
     return Fanout(sinks, [wb] if wb else [], plan.stage), wb
 
 
-def run_stage(plan: StagePlan, session: Session) -> StageResult:
-    """Train one stage to ``plan.total_steps`` (resuming from the session's latest checkpoint)."""
+def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> StageResult:
+    """Train one stage to ``plan.total_steps`` (resuming from the session's latest checkpoint).
+
+    ``teacher_pool``: the teacher servers of ``teacher.placement: actors`` (the driver's Ray actors); None
+    with that placement runs one server in this process, behind a thread.
+    """
     spec, rank, world, device = plan.spec, session.rank, session.world_size, session.device
     t_start = time.perf_counter()
     opts = storage_options(plan.train_manifest, spec.data.endpoint_url)
@@ -225,7 +232,9 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
     if needs.student_features:
         model = TappedModel(model, needs.student_features)
     teacher = None
-    if needs.teacher and plan.teacher_arch:
+    if needs.teacher and plan.teacher_arch and spec.teacher.placement == "actors":
+        teacher = _remote_teacher(plan, teacher_pool, device, rank)
+    elif needs.teacher and plan.teacher_arch:
         t_model = build_model(plan.teacher_arch, num_classes=plan.num_classes, in_chans=plan.channels)
         load_weights(t_model, plan.teacher_weights,
                      storage_options=storage_options(plan.teacher_weights, spec.storage.endpoint_url))
@@ -269,6 +278,8 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
                          num_workers=spec.data.loader_workers, start_step=start_step, augment=aug, views=views,
                          storage_options=opts)
     loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers, pin_memory=on_gpu))
+    if isinstance(teacher, RemoteTeacher):  # requests of the next teacher.prefetch steps stay in flight
+        loader = teacher.feed(loader, lambda s: mixup_lambda(spec.seed, s, spec.augment.mixup_alpha))
     val_manifest = load_manifest(plan.val_manifest, opts) if plan.val_manifest else None
 
     def eval_now() -> dict[str, float]:
@@ -339,6 +350,8 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
             rate = window_steps * spec.data.batch_size / max(elapsed, 1e-9)
             metrics = dict(zip(term_names, sums, strict=True))
             metrics |= method.metrics() | ckpt_metrics
+            if isinstance(teacher, RemoteTeacher):
+                metrics |= teacher.metrics()
             ckpt_metrics = {}
             metrics |= {"lr": sched.get_last_lr()[0], "images_per_s": rate,
                         "data_wait_s_per_step": data_wait / window_steps, "corrupt_samples": float(corrupt),
@@ -381,11 +394,23 @@ def run_stage(plan: StagePlan, session: Session) -> StageResult:
                          wall_s=time.perf_counter() - t_start, wandb_dir=getattr(wb, "dir", None),
                          wandb_url=getattr(wb, "url", None))
     sink.close()
+    if isinstance(teacher, RemoteTeacher) and teacher_pool is None:
+        teacher.close()
     if rank == 0:
         _publish(plan, model, method, result)
     if world > 1:
         dist.barrier()
     return result
+
+
+def _remote_teacher(plan: StagePlan, pool: Any, device: torch.device, rank: int) -> RemoteTeacher:
+    """The client of the stage's teacher pool (an in-process one-server pool when none was given)."""
+    t = plan.spec.teacher
+    if pool is None:
+        pool = LocalPool([build_server(server_config(plan), device)])
+    return RemoteTeacher(pool, device, prefetch=t.prefetch, max_in_flight=t.max_in_flight,
+                         timeout_s=t.request_timeout_s, max_retries=t.max_retries, rank=rank,
+                         teacher_view=method_needs(plan.spec.method.name, plan.spec.method.params()).teacher_view)
 
 
 def _agree(flags: list[bool], world: int, group: Any) -> list[bool]:

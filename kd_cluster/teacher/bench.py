@@ -1,0 +1,182 @@
+"""``kd-cluster bench teacher``: how fast the student steps, how fast the teacher answers, and what a
+training worker reaches with the teacher colocated or on teacher actors (Ray-free parts here).
+
+Synthetic uint8 batches of the job's size; random-init models of the job's architectures (weights do not
+change the speed). A "worker" here is one process pinned to ``threads`` torch threads: colocated, it runs
+teacher forward + student step per batch; with actors, it runs the student step while a
+:class:`~kd_cluster.teacher.remote.RemoteTeacher` keeps the next requests in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kd_cluster.data import mixup
+from kd_cluster.teacher import ColocatedTeacher
+from kd_cluster.teacher.remote import RemoteTeacher, ServerConfig, TeacherPool, build_server
+
+
+@dataclass
+class BenchSetup:
+    """The models and batch of one benchmark (picklable: sent to Ray tasks)."""
+
+    student: str
+    teacher: str
+    batch: int
+    image_size: int
+    channels: int
+    num_classes: int
+    steps: int
+    warmup: int = 3
+    threads: int = 1
+
+    def server_config(self) -> ServerConfig:
+        mean, std = [0.5] * self.channels, [0.25] * self.channels
+        return ServerConfig(arch=self.teacher, num_classes=self.num_classes, channels=self.channels, weights=None,
+                            endpoint_url=None, taps=(), mean=mean, std=std, method_name="funmatch")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(b: BenchSetup, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (b.batch, b.channels, b.image_size, b.image_size), generator=g, dtype=torch.uint8)
+            for _ in range(n)]
+
+
+class _Student:
+    """Student step of the bench: normalise, mixup, forward, KL to the teacher (or CE), backward, AdamW."""
+
+    def __init__(self, b: BenchSetup, device: torch.device) -> None:
+        from kd_cluster.models import build_model
+        from kd_cluster.train.loop import Normalizer
+
+        on_gpu = device.type == "cuda"
+        fmt = torch.channels_last if on_gpu else torch.preserve_format
+        self.model = build_model(b.student, num_classes=b.num_classes, in_chans=b.channels).to(device, memory_format=fmt)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, on_gpu).to(device)
+        self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+        self.device = device
+
+    def inputs(self, img: torch.Tensor) -> torch.Tensor:
+        return mixup(self.norm(img.to(self.device, non_blocking=True)), 0.7)
+
+    def step(self, x: torch.Tensor, t_logits: torch.Tensor | None) -> None:
+        with self.ctx():
+            s = self.model(x).float()
+        loss = (F.kl_div(F.log_softmax(s, 1), F.log_softmax(t_logits, 1), reduction="batchmean", log_target=True)
+                if t_logits is not None else s.logsumexp(1).mean())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(b: BenchSetup, device: torch.device, fn: Any) -> float:
+    """Images/s of ``fn(i)`` over ``b.steps`` calls after ``b.warmup`` untimed ones."""
+    for i in range(b.warmup):
+        fn(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(b.steps):
+        fn(i)
+    _sync(device)
+    return b.steps * b.batch / (time.perf_counter() - t0)
+
+
+def student_rate(b: BenchSetup) -> float:
+    """Student steps alone (no teacher), images/s."""
+    torch.set_num_threads(b.threads)
+    dev = _device()
+    st, xs = _Student(b, dev), _batches(b)
+    return _timed(b, dev, lambda i: st.step(st.inputs(xs[i % len(xs)]), None))
+
+
+def teacher_rate(b: BenchSetup) -> float:
+    """Teacher forwards alone, images/s (the rate of one teacher replica)."""
+    torch.set_num_threads(b.threads)
+    dev = _device()
+    server, xs = build_server(b.server_config(), dev), _batches(b)
+    norm = server.norm
+    return _timed(b, dev, lambda i: server.teacher(mixup(norm(xs[i % len(xs)].to(dev)), 0.7)))
+
+
+def colocated_rate(b: BenchSetup) -> float:
+    """One worker with the teacher on its own device, images/s."""
+    torch.set_num_threads(b.threads)
+    dev = _device()
+    st, xs = _Student(b, dev), _batches(b)
+    teacher: ColocatedTeacher = build_server(b.server_config(), dev).teacher
+
+    def one(i: int) -> None:
+        x = st.inputs(xs[i % len(xs)])
+        st.step(x, teacher(x)[0])
+
+    return _timed(b, dev, one)
+
+
+def actors_rate(b: BenchSetup, pool: TeacherPool, prefetch: int, rank: int = 0) -> dict[str, float]:
+    """One worker whose teacher outputs come from ``pool`` with ``prefetch`` steps in flight."""
+    torch.set_num_threads(b.threads)
+    dev = _device()
+    st, xs = _Student(b, dev), _batches(b)
+    rt = RemoteTeacher(pool, dev, prefetch=prefetch, max_in_flight=max(4, prefetch + 1), rank=rank)
+    total = b.warmup + b.steps
+    stream = ({"image": xs[s % len(xs)], "step": s} for s in range(total))
+    t0 = 0.0
+    for b_ in rt.feed(stream, lambda s: 0.7):
+        if b_["step"] == b.warmup:
+            _sync(dev)
+            rt.metrics()
+            t0 = time.perf_counter()
+        t_logits, _ = rt.outputs(b_["teacher_out"])
+        st.step(st.inputs(b_["image"]), t_logits)
+    _sync(dev)
+    rate = b.steps * b.batch / (time.perf_counter() - t0)
+    return {"images_per_s": rate, **rt.metrics()}
+
+
+def summarize(rounds: dict[str, list[float]], s_rate: float, t_rate: float) -> dict[str, Any]:
+    """Medians of the rounds, plus the derived figures: replicas to keep one student busy and the ceilings."""
+    med = {k: statistics.median(v) for k, v in rounds.items() if v}
+    return {"medians": med, "rounds": rounds, "student_rate": s_rate, "teacher_rate": t_rate,
+            "replicas_per_student": math.ceil(s_rate / t_rate) if t_rate else None,
+            "colocated_ceiling": 1.0 / (1.0 / s_rate + 1.0 / t_rate) if s_rate and t_rate else None,
+            "separate_teacher_ceiling": min(s_rate, t_rate) if s_rate and t_rate else None}
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"{'configuration':<46} {'images/s':>10}"]
+    lines.append(f"{'student step alone (1 worker)':<46} {res['student_rate']:>10.1f}")
+    lines.append(f"{'teacher forward alone (1 replica)':<46} {res['teacher_rate']:>10.1f}")
+    for k, v in res.get("medians", {}).items():
+        lines.append(f"{k:<46} {v:>10.1f}")
+    if res.get("replicas_per_student"):
+        lines.append(f"teacher replicas to keep one student worker busy: {res['replicas_per_student']} "
+                     f"(ceil({res['student_rate']:.1f} / {res['teacher_rate']:.1f}))")
+        lines.append(f"one worker, colocated ceiling 1/(1/S+1/T): {res['colocated_ceiling']:.1f} images/s; "
+                     f"with one separate teacher replica min(S, T): {res['separate_teacher_ceiling']:.1f} images/s")
+    for k in ("up_bytes_per_image", "down_bytes_per_image"):
+        if k in res:
+            lines.append(f"{k.replace('_', ' ')}: {res[k]:.1f}")
+    if "load" in res:
+        lines.append(f"load average before / after: {res['load']}")
+    return "\n".join(lines)
+
+
+__all__ = ["BenchSetup", "actors_rate", "colocated_rate", "format_table", "student_rate", "summarize", "teacher_rate"]

@@ -1,0 +1,347 @@
+"""Teacher inference apart from the training worker, without Ray.
+
+- :class:`TeacherRequest` is what a training worker sends for one batch: the uint8 crops and the mixup
+  parameters (``lam``; the partner of sample ``i`` is sample ``i - 1``, a roll by one), never float pixels.
+- :class:`TeacherServer` runs the frozen teacher on a request: the same normalisation, mixup and method
+  expansion the colocated path applies, then returns exactly the outputs the method asked for (logits and
+  the tapped features), in bfloat16 on a GPU and float32 on the CPU.
+- :class:`RemoteTeacher` is the worker's client over any *pool* (``size``, ``submit(replica, request) ->
+  concurrent.futures.Future``): it keeps the requests of the next ``prefetch`` steps in flight while the
+  current step trains, spreads them over the replicas, bounds what is in flight, and retries a request whose
+  replica failed on another one. :class:`LocalPool` is an in-process pool (one thread per server).
+
+``kd_cluster.cluster.teacher_pool`` provides the Ray pool (one actor per replica).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from kd_cluster.data import mixup
+from kd_cluster.teacher import ColocatedTeacher
+
+REQUEST_OVERHEAD_BYTES = 64  # the scalars of a request/reply (lam, step, flags, ids), a generous bound
+
+
+class TeacherUnavailable(RuntimeError):
+    """A request could not be answered by any replica within its retries."""
+
+
+@dataclass
+class TeacherRequest:
+    """One batch for the teacher, compact: uint8 NCHW crops plus the mixup weight."""
+
+    image: torch.Tensor
+    lam: float = 1.0
+    expand: bool = True  # apply the method's expansion (False: evaluation and the shape probe)
+    step: int = -1
+
+    def nbytes(self) -> int:
+        return self.image.numel() * self.image.element_size() + REQUEST_OVERHEAD_BYTES
+
+
+@dataclass
+class TeacherReply:
+    """The teacher's outputs for one request (on the CPU) and who computed them."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor]
+    server_id: str
+    compute_s: float
+
+    def nbytes(self) -> int:
+        ts = [self.logits, *self.features.values()]
+        return sum(t.numel() * t.element_size() for t in ts) + REQUEST_OVERHEAD_BYTES
+
+
+class TeacherServer:
+    """Runs the frozen teacher on :class:`TeacherRequest` s (one at a time)."""
+
+    def __init__(self, teacher: ColocatedTeacher, norm: nn.Module, expand: Callable[[torch.Tensor], torch.Tensor] | None,
+                 out_dtype: torch.dtype | None = None) -> None:
+        self.teacher = teacher
+        self.norm = norm.to(teacher.device)
+        self.expand = expand
+        self.out_dtype = out_dtype or (torch.bfloat16 if teacher.device.type == "cuda" else torch.float32)
+        self.server_id = uuid.uuid4().hex  # a new one after every restart
+
+    @torch.no_grad()
+    def infer(self, req: TeacherRequest) -> TeacherReply:
+        t0 = time.perf_counter()
+        x = self.norm(req.image.to(self.teacher.device, non_blocking=True))
+        if req.lam < 1.0:
+            x = mixup(x, req.lam)
+        if req.expand and self.expand is not None:
+            x = self.expand(x)
+        logits, feats = self.teacher(x)
+        out = TeacherReply(logits=logits.to("cpu", self.out_dtype),
+                           features={k: v.to("cpu", self.out_dtype) for k, v in feats.items()},
+                           server_id=self.server_id, compute_s=0.0)
+        out.compute_s = time.perf_counter() - t0
+        return out
+
+
+@dataclass
+class ServerConfig:
+    """Everything a teacher server needs to build itself (picklable: it is sent to the actors)."""
+
+    arch: str
+    num_classes: int
+    channels: int
+    weights: str | None
+    endpoint_url: str | None
+    taps: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+    method_name: str
+    method_params: dict[str, Any] = field(default_factory=dict)
+    amp: bool = True
+    channels_last: bool = True
+
+
+def server_config(plan: Any) -> ServerConfig:
+    """The teacher server config of a stage plan (``kd_cluster.train.StagePlan``)."""
+    from kd_cluster.methods import method_needs
+    from kd_cluster.train.loop import default_normalization
+
+    spec = plan.spec
+    params = spec.method.params()
+    needs = method_needs(spec.method.name, params)
+    mean, std = ((spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize
+                 else default_normalization(plan.channels))
+    return ServerConfig(arch=plan.teacher_arch, num_classes=plan.num_classes, channels=plan.channels,
+                        weights=plan.teacher_weights, endpoint_url=spec.storage.endpoint_url,
+                        taps=tuple(needs.teacher_features), mean=list(mean), std=list(std),
+                        method_name=spec.method.name, method_params=params, amp=spec.resources.amp,
+                        channels_last=spec.resources.channels_last)
+
+
+def build_server(cfg: ServerConfig, device: torch.device | None = None, model: nn.Module | None = None) -> TeacherServer:
+    """Load the frozen teacher once (from ``cfg.weights``, or use ``model``) and wrap it in a server."""
+    from kd_cluster.methods import Method, build_method
+    from kd_cluster.models import build_model, load_weights
+    from kd_cluster.storage import storage_options
+    from kd_cluster.train.loop import Normalizer
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if model is None:
+        model = build_model(cfg.arch, num_classes=cfg.num_classes, in_chans=cfg.channels)
+        if cfg.weights:
+            load_weights(model, cfg.weights, storage_options=storage_options(cfg.weights, cfg.endpoint_url))
+    amp = torch.bfloat16 if (on_gpu and cfg.amp) else None
+    channels_last = on_gpu and cfg.channels_last
+    teacher = ColocatedTeacher(model, device, amp, channels_last, taps=cfg.taps)
+    method = build_method(cfg.method_name, cfg.method_params)
+    expand = method.expand if type(method).expand is not Method.expand else None
+    return TeacherServer(teacher, Normalizer(cfg.mean, cfg.std, channels_last), expand)
+
+
+class TeacherPool(Protocol):
+    """What :class:`RemoteTeacher` needs from a pool of teacher servers."""
+
+    size: int
+
+    def submit(self, replica: int, req: TeacherRequest) -> Future: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """Teacher servers in this process, each behind its own thread (requests to one server run in order)."""
+
+    def __init__(self, servers: list[TeacherServer]) -> None:
+        self.servers = servers
+        self.size = len(servers)
+        self._ex = [ThreadPoolExecutor(1, thread_name_prefix=f"teacher-{i}") for i in range(self.size)]
+
+    def submit(self, replica: int, req: TeacherRequest) -> Future:
+        return self._ex[replica].submit(self.servers[replica].infer, req)
+
+    def close(self) -> None:
+        for ex in self._ex:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+
+class _Pending:
+    """A request in flight; ``result()`` waits for it (retrying on another replica if its replica failed)."""
+
+    def __init__(self, client: RemoteTeacher, req: TeacherRequest) -> None:
+        self.client, self.req = client, req
+        self.tries = 0
+        self._submit(client._pick())
+
+    def _submit(self, replica: int) -> None:
+        self.replica = replica
+        self.t_submit = time.perf_counter()
+        self.t_done: float | None = None
+        self.client._outstanding[replica] += 1
+        self.fut = self.client.pool.submit(replica, self.req)
+        self.fut.add_done_callback(self._done)
+
+    def _done(self, _fut: Future) -> None:
+        self.t_done = time.perf_counter()
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.client
+        while True:
+            try:
+                reply: TeacherReply = self.fut.result(timeout=c.timeout_s)
+                break
+            except Exception as exc:  # noqa: BLE001 - a dead or hung replica: retry elsewhere
+                c._outstanding[self.replica] -= 1
+                self.tries += 1
+                c.retries += 1
+                if self.tries > c.max_retries:
+                    raise TeacherUnavailable(
+                        f"teacher request for step {self.req.step} failed {self.tries} times "
+                        f"(last on replica {self.replica}: {type(exc).__name__}: {str(exc).strip()[:300]})") from exc
+                self.fut.cancel()
+                time.sleep(min(0.05 * 2 ** (self.tries - 1), 2.0))
+                self._submit(c._pick(avoid=self.replica))
+        c._outstanding[self.replica] -= 1
+        c._record(self, reply)
+        dev = c.device
+        return (reply.logits.to(dev, non_blocking=True).float(),
+                {k: v.to(dev, non_blocking=True).float() for k, v in reply.features.items()})
+
+
+class RemoteTeacher:
+    """A training worker's teacher over a pool: pipelined requests, back-pressure, retries, metrics.
+
+    Used like :class:`ColocatedTeacher` for the probe (``teacher(x)``) and evaluation (``logits(x, raw=...)``);
+    for training, :meth:`feed` wraps the batch iterator and attaches each batch's pending outputs.
+    """
+
+    def __init__(self, pool: TeacherPool, device: torch.device, *, prefetch: int = 1, max_in_flight: int = 4,
+                 timeout_s: float = 120.0, max_retries: int = 5, rank: int = 0, teacher_view: str = "same") -> None:
+        self.pool, self.device = pool, device
+        self.depth = min(prefetch, max_in_flight - 1) + 1  # the current step plus the ones ahead
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.teacher_view = teacher_view
+        self._outstanding = [0] * pool.size
+        self._rr = rank % max(pool.size, 1)  # workers start on different replicas
+        self._lock = threading.Lock()
+        self.retries = 0
+        self.restarts = 0
+        self._server_ids: list[str | None] = [None] * pool.size
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._lat: list[float] = []
+        self._compute: list[float] = []
+        self._depths: list[int] = []
+        self._up = self._down = self._images = 0
+        self._wait = 0.0
+        self._steps = 0
+
+    def _pick(self, avoid: int | None = None) -> int:
+        """The replica with the fewest outstanding requests (round robin among equals; not ``avoid`` if possible)."""
+        n = self.pool.size
+        order = [(self._rr + i) % n for i in range(n)]
+        self._rr = (self._rr + 1) % n
+        cands = [r for r in order if r != avoid] or order
+        return min(cands, key=lambda r: self._outstanding[r])
+
+    def _record(self, p: _Pending, reply: TeacherReply) -> None:
+        t_done = p.t_done if p.t_done is not None else time.perf_counter()
+        self._lat.append(t_done - p.t_submit)
+        self._compute.append(reply.compute_s)
+        self._up += p.req.nbytes()
+        self._down += reply.nbytes()
+        self._images += int(p.req.image.shape[0])
+        prev = self._server_ids[p.replica]
+        if prev is not None and prev != reply.server_id:
+            self.restarts += 1
+        self._server_ids[p.replica] = reply.server_id
+
+    def request(self, req: TeacherRequest) -> _Pending:
+        self._depths.append(sum(self._outstanding) + 1)
+        return _Pending(self, req)
+
+    def feed(self, batches: Iterator[dict[str, Any]], lam_of_step: Callable[[int], float]) -> Iterator[dict[str, Any]]:
+        """Yield the batches in order, each with ``batch["teacher_out"]`` (pending outputs); the requests of
+        the next ``depth - 1`` batches are already in flight when a batch is yielded."""
+        queue: deque[dict[str, Any]] = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(queue) < self.depth:
+                try:
+                    b = next(batches)
+                except StopIteration:
+                    exhausted = True
+                    break
+                lam = lam_of_step(int(b["step"]))
+                if "image_t" in b:  # another view: mixed only when the method asked for an independent one
+                    img = b.pop("image_t")
+                    mix = self.teacher_view == "independent"
+                else:
+                    img, mix = b["image"], True
+                b["teacher_out"] = self.request(TeacherRequest(img, lam if mix else 1.0, True, int(b["step"])))
+                queue.append(b)
+            if not queue:
+                return
+            yield queue.popleft()
+
+    def outputs(self, pending: _Pending) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Wait for a batch's outputs (time spent waiting is the ``teacher/wait_s_per_step`` metric)."""
+        t0 = time.perf_counter()
+        out = pending.result()
+        self._wait += time.perf_counter() - t0
+        self._steps += 1
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Outputs for a batch of this shape (the setup probe: shapes only; the content is zeros)."""
+        img = torch.zeros(x.shape, dtype=torch.uint8)
+        return self.request(TeacherRequest(img, 1.0, False)).result()
+
+    def logits(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the uint8 batch ``raw`` (evaluation: no mixup, no expansion)."""
+        if raw is None:
+            raise ValueError("RemoteTeacher.logits needs the uint8 batch (raw=...); it never sends float pixels")
+        return self.request(TeacherRequest(raw.cpu(), 1.0, False)).result()[0]
+
+    def metrics(self) -> dict[str, float]:
+        """This window's teacher metrics (and the run's restarts and retries so far); resets the window."""
+        out = {"teacher/restarts": float(self.restarts), "teacher/retries": float(self.retries)}
+        if self._lat:
+            lat = sorted(self._lat)
+            comp = sorted(self._compute)
+            out |= {"teacher/latency_p50_s": _pct(lat, 50), "teacher/latency_p95_s": _pct(lat, 95),
+                    "teacher/compute_p50_s": _pct(comp, 50),
+                    "teacher/up_bytes_per_image": self._up / max(self._images, 1),
+                    "teacher/down_bytes_per_image": self._down / max(self._images, 1)}
+        if self._depths:
+            out |= {"teacher/queue_depth": sum(self._depths) / len(self._depths),
+                    "teacher/queue_depth_max": float(max(self._depths))}
+        if self._steps:
+            out["teacher/wait_s_per_step"] = self._wait / self._steps
+        self._reset_window()
+        return out
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _pct(sorted_vals: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100 * len(sorted_vals)) - 1))
+    return float(sorted_vals[k])
+
+
+__all__ = ["LocalPool", "RemoteTeacher", "ServerConfig", "TeacherPool", "TeacherReply", "TeacherRequest",
+           "TeacherServer", "TeacherUnavailable", "build_server", "server_config"]

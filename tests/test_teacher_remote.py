@@ -1,0 +1,269 @@
+"""Teacher served apart from the worker (teacher.placement: actors), without Ray: the server applies the same
+normalisation, mixup and expansion as the colocated path, the client pipelines, bounds and retries requests."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_cluster.data import mixup
+from kd_cluster.methods import Method, MethodConfig, Needs, StepOutputs
+from kd_cluster.models import build_model
+from kd_cluster.teacher import ColocatedTeacher
+from kd_cluster.teacher.remote import LocalPool, RemoteTeacher, TeacherRequest, TeacherServer, TeacherUnavailable
+from kd_cluster.train.loop import Normalizer, train_step
+
+CPU = torch.device("cpu")
+MEAN, STD = [0.5], [0.25]
+
+
+class TapConfig(MethodConfig):
+    pass
+
+
+def _rot2(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.rot90(1, (2, 3))])
+
+
+def _make_method(view: str, taps: tuple[str, ...], expand: bool) -> Method:
+    class Toy(Method):
+        Config = TapConfig
+        needs = Needs(teacher=True, teacher_view=view, labels=True, teacher_features=taps)
+
+        def expand(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+            return _rot2(x) if expand else x
+
+        def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+            terms = {"kl": F.kl_div(F.log_softmax(out.student_logits, 1), F.log_softmax(out.teacher_logits, 1),
+                                    reduction="batchmean", log_target=True)}
+            for k, v in out.teacher_features.items():
+                terms[f"f_{k}"] = v.pow(2).mean()
+            return terms
+
+    return Toy(TapConfig())
+
+
+def _batch(n: int = 6, with_t: bool = False) -> dict:
+    g = torch.Generator().manual_seed(1)
+    b = {"image": torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8),
+         "label": torch.arange(n) % 10, "index": torch.arange(n), "step": 3}
+    if with_t:
+        b["image_t"] = torch.randint(0, 256, (n, 1, 12, 12), generator=g, dtype=torch.uint8)
+    return b
+
+
+@pytest.mark.parametrize("view,taps,expand", [("same", (), False), ("center", (), False),
+                                              ("independent", ("stage2.0.relu",), False),
+                                              ("same", ("pool1",), True)])
+def test_actors_path_equals_colocated_exactly_fp32(view: str, taps: tuple[str, ...], expand: bool) -> None:
+    torch.manual_seed(0)
+    t_model = build_model("cnn_s", num_classes=10, in_chans=1)
+    student = build_model("cnn_xs", num_classes=10, in_chans=1)
+    norm = Normalizer(MEAN, STD, False)
+    method = _make_method(view, taps, expand)
+    lam = 0.7
+    local = ColocatedTeacher(t_model, CPU, taps=taps)
+    server = TeacherServer(ColocatedTeacher(t_model, CPU, taps=taps), Normalizer(MEAN, STD, False),
+                           method.expand if expand else None)
+    remote = RemoteTeacher(LocalPool([server]), CPU, prefetch=1, teacher_view=view)
+    kw = dict(net=student, method=method, norm=norm, device=CPU, autocast=contextlib.nullcontext(), step=3)
+    want = train_step(_batch(with_t=view != "same"), lam, teacher=local, **kw)
+    fed = next(remote.feed(iter([_batch(with_t=view != "same")]), lambda s: lam))
+    assert "image_t" not in fed  # the other view went to the teacher, not to the student's device
+    got = train_step(fed, lam, teacher=remote, **kw)
+    assert list(got) == list(want) and len(want) == 1 + len(taps)
+    for k in want:  # fp32 on the CPU: bit-identical
+        assert torch.equal(got[k], want[k]), k
+    # the teacher's logits themselves, against the formula written out (norm, then roll-by-one mixup)
+    b = _batch(with_t=view != "same")
+    src = b["image_t"] if view != "same" else b["image"]
+    x = (src.float() - MEAN[0] * 255) * (1 / (STD[0] * 255))
+    if view != "center":
+        x = lam * x + (1 - lam) * torch.cat([x[-1:], x[:-1]])
+    if expand:
+        x = _rot2(x)
+    with torch.no_grad():
+        ref = t_model.eval()(x)
+    req = TeacherRequest(src, lam if view != "center" else 1.0, True)
+    assert torch.allclose(server.infer(req).logits, ref, atol=1e-5)
+    remote.close()
+
+
+def test_request_is_uint8_and_reply_is_what_the_method_asked_for() -> None:
+    t_model = build_model("cnn_s", num_classes=10, in_chans=1)
+    server = TeacherServer(ColocatedTeacher(t_model, CPU, taps=("pool1",)), Normalizer(MEAN, STD, False), None)
+    req = TeacherRequest(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), 0.6)
+    rep = server.infer(req)
+    assert req.nbytes() == 4 * 144 + 64  # one byte per pixel, plus the scalars
+    assert set(rep.features) == {"pool1"} and rep.logits.shape == (4, 10) and rep.logits.dtype == torch.float32
+    assert rep.nbytes() == 4 * (10 + rep.features["pool1"][0].numel()) * 4 + 64
+
+
+class FakePool:
+    """Replies computed from the request (sum of pixels) after ``delay``; records submissions; can fail."""
+
+    def __init__(self, size: int, delay: float = 0.0, fail: dict[int, int] | None = None,
+                 fail_steps: set[int] | None = None) -> None:
+        self.size, self.delay = size, delay
+        self.fail = dict(fail or {})  # replica -> how many of its next requests fail
+        self.fail_steps = set(fail_steps or ())  # the first request of these steps fails, whatever the replica
+        self.log: list[tuple[int, int, float]] = []  # (replica, step, time)
+        self.ids = [f"r{i}" for i in range(size)]
+        self.lock = threading.Lock()
+
+    def submit(self, replica: int, req: TeacherRequest) -> Future:
+        from kd_cluster.teacher.remote import TeacherReply
+
+        fut: Future = Future()
+        with self.lock:
+            self.log.append((replica, req.step, time.perf_counter()))
+            failing = self.fail.get(replica, 0) > 0 or req.step in self.fail_steps
+            self.fail_steps.discard(req.step)
+            if failing:
+                self.fail[replica] = self.fail.get(replica, 0) - 1
+                self.ids[replica] += "+"  # the replica comes back as a new server
+
+        def run() -> None:
+            time.sleep(self.delay)
+            if failing:
+                fut.set_exception(RuntimeError("actor died"))
+            else:
+                v = req.image.float().sum() * req.lam
+                fut.set_result(TeacherReply(v.view(1, 1), {}, self.ids[replica], self.delay))
+
+        threading.Thread(target=run, daemon=True).start()
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+def _stream(n: int):
+    for s in range(n):
+        yield {"image": torch.full((2, 1, 2, 2), s, dtype=torch.uint8), "step": s}
+
+
+@pytest.mark.parametrize("prefetch,max_in_flight,depth", [(0, 4, 1), (2, 4, 3), (8, 3, 3)])
+def test_pipelining_is_bounded_and_in_order(prefetch: int, max_in_flight: int, depth: int) -> None:
+    pool = FakePool(2, delay=0.01)
+    rt = RemoteTeacher(pool, CPU, prefetch=prefetch, max_in_flight=max_in_flight)
+    got = []
+    for b in rt.feed(_stream(12), lambda s: 1.0):
+        # when step s is handed to the loop, requests up to s + depth - 1 are already submitted, no more
+        assert max(step for _, step, _ in pool.log) == min(b["step"] + depth - 1, 11)
+        logits, _ = rt.outputs(b["teacher_out"])
+        got.append((b["step"], float(logits)))
+    assert got == [(s, 8.0 * s) for s in range(12)]
+    assert {r for r, _, _ in pool.log} == {0, 1}  # spread over the pool
+    m = rt.metrics()
+    assert m["teacher/queue_depth_max"] <= depth and m["teacher/up_bytes_per_image"] == (8 + 64) / 2
+    assert 0.0 < m["teacher/latency_p50_s"] <= m["teacher/latency_p95_s"]
+
+
+def test_prefetch_overlaps_teacher_with_the_step() -> None:
+    def run(prefetch: int) -> float:
+        rt = RemoteTeacher(FakePool(1, delay=0.05), CPU, prefetch=prefetch)
+        t0 = time.perf_counter()
+        for b in rt.feed(_stream(8), lambda s: 1.0):
+            rt.outputs(b["teacher_out"])
+            time.sleep(0.05)  # the student's step
+        return time.perf_counter() - t0
+
+    assert run(1) < 0.75 * run(0)  # ~0.45 s against ~0.8 s
+
+
+def test_failed_request_is_retried_on_another_replica() -> None:
+    pool = FakePool(2, fail_steps={4, 5})
+    rt = RemoteTeacher(pool, CPU, prefetch=2, timeout_s=5, max_retries=3)
+    out = [(b["step"], float(rt.outputs(b["teacher_out"])[0])) for b in rt.feed(_stream(12), lambda s: 0.5)]
+    assert out == [(s, 4.0 * s) for s in range(12)]  # every step once, in order, correct
+    tries = {s: [r for r, step, _ in pool.log if step == s] for s in range(12)}
+    assert len(tries[4]) == len(tries[5]) == 2 and all(len(tries[s]) == 1 for s in tries if s not in (4, 5))
+    assert tries[4][0] != tries[4][1] and tries[5][0] != tries[5][1]  # retried on the other replica
+    m = rt.metrics()
+    # each replica that failed answered later as a new server: one restart per failed replica
+    assert m["teacher/retries"] == 2.0 and m["teacher/restarts"] == len({tries[4][0], tries[5][0]})
+
+
+def test_request_failing_everywhere_is_a_clear_error() -> None:
+    rt = RemoteTeacher(FakePool(1, fail={0: 10}), CPU, prefetch=0, timeout_s=5, max_retries=2)
+    b = next(rt.feed(_stream(1), lambda s: 1.0))
+    with pytest.raises(TeacherUnavailable, match="step 0 failed 3 times"):
+        rt.outputs(b["teacher_out"])
+
+
+def test_mixup_on_server_matches_data_mixup() -> None:
+    t_model = build_model("cnn_xs", num_classes=10, in_chans=1)
+    server = TeacherServer(ColocatedTeacher(t_model, CPU), Normalizer(MEAN, STD, False), None)
+    img = _batch()["image"]
+    norm = Normalizer(MEAN, STD, False)
+    with torch.no_grad():
+        assert torch.equal(server.infer(TeacherRequest(img, 0.8)).logits, t_model.eval()(mixup(norm(img), 0.8)))
+
+
+def test_no_ray_job_with_actors_logs_the_same_losses_as_colocated(tiny_job, tmp_path) -> None:
+    import json
+
+    from kd_cluster.cluster import run_job
+    from kd_cluster.config import load_job
+
+    logs = {}
+    for placement in ("colocated", "actors"):
+        job = tiny_job(placement, resources={"num_workers": 1},
+                       teacher={"arch": "cnn_s", "weights": "stage:teacher", "placement": placement, "prefetch": 2})
+        run_job(load_job(job), str(job), use_ray=False)
+        f = tmp_path / "tel" / "metrics" / placement / "distill.jsonl"
+        logs[placement] = [json.loads(line) for line in f.read_text().splitlines()]
+    col, act = logs["colocated"], logs["actors"]
+    assert [m["step"] for m in act] == [m["step"] for m in col] == [2, 4, 6, 8]
+    for a, c in zip(act, col):
+        assert a["loss"] == c["loss"] and a["kl"] == c["kl"]  # fp32 on the CPU: exact
+    assert act[-1]["eval/teacher_top1"] == col[-1]["eval/teacher_top1"]
+    assert act[-1]["teacher/up_bytes_per_image"] == 28 * 28 + 64 / 32  # uint8 crops of 28 px, 32 per request
+    assert act[-1]["teacher/down_bytes_per_image"] == 10 * 4 + 64 / 32  # 10 fp32 logits
+    assert "teacher/latency_p95_s" in act[-1] and "teacher/queue_depth" in act[-1]
+
+
+@pytest.mark.slow
+def test_ray_teacher_actor_killed_mid_run_every_step_once(ray_cluster: str, tiny_job, tmp_path) -> None:
+    import json
+
+    import ray
+
+    from kd_cluster.cluster import run_job
+    from kd_cluster.cluster.teacher_pool import actor_name
+    from kd_cluster.config import load_job
+
+    job = tiny_job("kill", resources={"num_workers": 1},
+                   teacher={"arch": "cnn_s", "weights": "stage:teacher", "placement": "actors", "replicas": 2,
+                            "num_cpus": 0.5, "prefetch": 2, "max_restarts": 2, "request_timeout_s": 60},
+                   schedule={"steps": 40, "warmup_steps": 2, "log_every": 2, "eval_every": 40,
+                             "checkpoint_every": 40})
+    metrics = tmp_path / "tel" / "metrics" / "kill" / "distill.jsonl"
+    killed: list[str] = []
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.exists() and any(json.loads(x)["step"] >= 6 for x in metrics.read_text().splitlines()):
+                handle = ray.get_actor(actor_name("kill", "distill", 0))
+                killed.append(handle._actor_id.hex())
+                ray.kill(handle, no_restart=False)  # Ray restarts it; its requests in flight are lost
+                return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
+    th.join(5)
+    assert killed, "the teacher actor was never killed"
+    log = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in log] == list(range(2, 41, 2))  # every log step, once
+    assert log[-1]["teacher/restarts"] == 1  # replica 0 answered again, as a new server
+    assert all(m["loss"] == m["loss"] for m in log)  # no NaN
