@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -91,20 +89,6 @@ class Store:
         """Read a JSON file."""
         return json.loads(self.read_bytes(rel))
 
-    def upload_dir(self, local_dir: Path, rel: str) -> None:
-        """Copy a local folder's files to ``rel`` (overwriting)."""
-        for f in sorted(Path(local_dir).rglob("*")):
-            if f.is_file():
-                self.write_bytes(posixpath.join(rel, f.relative_to(local_dir).as_posix()), f.read_bytes())
-
-    def download_dir(self, rel: str, local_dir: Path) -> None:
-        """Copy every file under ``rel`` into a local folder."""
-        base = self._p(rel)
-        for f in self.fs.find(base):
-            out = Path(local_dir, posixpath.relpath(f, base))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(self.fs.cat_file(f))
-
     def remove(self, rel: str) -> None:
         """Remove a file or folder if it exists."""
         if self.fs.exists(self._p(rel)):
@@ -184,14 +168,4 @@ class CheckpointStore:
         return self.store.exists(self._rel(self.dirname(step), name))
 
 
-def local_copy_dir() -> Path:
-    """A fresh temporary folder for staging checkpoint files."""
-    return Path(tempfile.mkdtemp(prefix="kdc-ckpt-"))
-
-
-def remove_local(path: Path) -> None:
-    """Remove a local staging folder."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "local_copy_dir", "remove_local", "storage_options"]
+__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "storage_options"]
