@@ -267,3 +267,52 @@ def test_ray_teacher_actor_killed_mid_run_every_step_once(ray_cluster: str, tiny
     assert [m["step"] for m in log] == list(range(2, 41, 2))  # every log step, once
     assert log[-1]["teacher/restarts"] == 1  # replica 0 answered again, as a new server
     assert all(m["loss"] == m["loss"] for m in log)  # no NaN
+
+
+_FORK_WATCH: dict = {"pool": None, "forks_in_flight": []}
+
+
+def _before_fork() -> None:
+    pool = _FORK_WATCH["pool"]
+    if pool is not None:
+        _FORK_WATCH["forks_in_flight"].append(pool.in_flight)
+
+
+def test_no_fork_while_teacher_requests_are_in_flight(tiny_job, tmp_path, monkeypatch) -> None:
+    """A process fork while a Ray call is in flight crashed Ray workers (gRPC's fork handlers): the loop forks
+    every loader process (train and eval) before the first pipelined request, and never again."""
+    import os
+
+    from kd_cluster.cluster import run_job
+    from kd_cluster.config import load_job
+    from kd_cluster.train import loop
+
+    class WatchedPool(LocalPool):
+        in_flight = 0
+        submitted = 0
+
+        def submit(self, replica, req):
+            type(self).in_flight += 1
+            type(self).submitted += 1
+            # a slow teacher: the requests of the steps ahead are still running when evaluation starts
+            delay = 0.3 if req.step >= 0 else 0.0
+            fut = self._ex[replica].submit(lambda: (time.sleep(delay), self.servers[replica].infer(req))[1])
+            fut.add_done_callback(lambda _f: setattr(type(self), "in_flight", type(self).in_flight - 1))
+            return fut
+
+    monkeypatch.setattr(loop, "LocalPool", WatchedPool)
+    os.register_at_fork(before=_before_fork)
+    _FORK_WATCH["pool"] = WatchedPool
+    try:
+        # evaluation at steps 4 and 8 with 2 steps prefetched: the old code forked its eval loader mid-stream
+        job = tiny_job("forks", resources={"num_workers": 1},
+                       teacher={"arch": "cnn_s", "weights": "stage:teacher", "placement": "actors", "prefetch": 2},
+                       schedule={"steps": 8, "warmup_steps": 2, "log_every": 2, "eval_every": 4, "checkpoint_every": 8})
+        _FORK_WATCH["forks_in_flight"].clear()
+        run_job(load_job(job), str(job), use_ray=False)
+    finally:
+        _FORK_WATCH["pool"] = None
+    forks = _FORK_WATCH["forks_in_flight"]
+    assert WatchedPool.submitted > 8  # the stage ran on the pool
+    assert len(forks) >= 4  # train + eval loader workers, teacher stage and distill stage
+    assert forks == [0] * len(forks), f"forked with teacher requests in flight: {forks}"

@@ -289,6 +289,24 @@ def make_train_loader(stream: TrainStream, *, num_workers: int, pin_memory: bool
     )
 
 
+def make_eval_loader(stream: EvalStream, *, num_workers: int) -> DataLoader:
+    """The DataLoader for an :class:`EvalStream`, built once per stage: its worker processes persist, and
+    every ``iter(loader)`` is a new full pass (the workers start their pass again).
+
+    Call :func:`start_workers` on it before anything network-bound runs in background threads of this
+    process: forking later, while a Ray/gRPC call is in flight, can crash the training process (gRPC's
+    fork handlers stop its pollers in the parent mid-call).
+    """
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_ignore_sigterm)
+
+
+def start_workers(loader: DataLoader) -> None:
+    """Fork ``loader``'s persistent worker processes now rather than at its first pass."""
+    if loader.num_workers > 0 and loader.persistent_workers:
+        iter(loader)
+
+
 def _ignore_sigterm(_worker_id: int) -> None:
     """Loader processes leave SIGTERM to the training process, which checkpoints and then stops them
     (a process-group SIGTERM, as a VM shutdown sends, must not kill the data feed mid-checkpoint)."""

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kd_cluster.data import AugmentParams, EvalStream, TrainStream, load_manifest, make_train_loader, mixup, mixup_lambda
+from kd_cluster.data import (AugmentParams, EvalStream, TrainStream, load_manifest, make_eval_loader, make_train_loader,
+                             mixup, mixup_lambda, start_workers)
 from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method, method_needs
 from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
 from kd_cluster.optim import build_optimizer, build_schedule, milestone_steps, optimizer_step
@@ -278,16 +279,21 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
                          num_workers=spec.data.loader_workers, start_step=start_step, augment=aug, views=views,
                          storage_options=opts)
     loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers, pin_memory=on_gpu))
-    if isinstance(teacher, RemoteTeacher):  # requests of the next teacher.prefetch steps stay in flight
-        loader = teacher.feed(loader, lambda s: mixup_lambda(spec.seed, s, spec.augment.mixup_alpha))
     val_manifest = load_manifest(plan.val_manifest, opts) if plan.val_manifest else None
-
-    def eval_now() -> dict[str, float]:
-        if val_manifest is None:
-            return {}
+    ev_loader = None
+    if val_manifest is not None:
         ev = EvalStream(val_manifest, batch_size=spec.data.eval_batch_size or per_rank, rank=rank,
                         world_size=world, augment=aug, storage_options=opts)
-        ev_loader = torch.utils.data.DataLoader(ev, batch_size=None, num_workers=min(1, spec.data.loader_workers))
+        ev_loader = make_eval_loader(ev, num_workers=min(1, spec.data.loader_workers))
+        # every loader process is forked here, before teacher requests are in flight: a fork during a Ray call
+        # crashed the worker (gRPC's fork handlers) when evaluation started mid-stage with teacher actors
+        start_workers(ev_loader)
+    if isinstance(teacher, RemoteTeacher):  # requests of the next teacher.prefetch steps stay in flight
+        loader = teacher.feed(loader, lambda s: mixup_lambda(spec.seed, s, spec.augment.mixup_alpha))
+
+    def eval_now() -> dict[str, float]:
+        if ev_loader is None:
+            return {}
         return evaluate(student, teacher, ev_loader, norm, device, world, amp)
 
     sink, wb = _sinks(plan, session, start_step)
