@@ -342,22 +342,21 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     load0 = os.getloadavg()
     print(f"[{p.stage}] student {b.student}, teacher {b.teacher}, batch {b.batch} per worker, "
           f"{b.image_size} px, {a.steps} timed steps, 1 torch thread per process")
-    s_rates, t_rates = [], []
-    for _ in range(a.rounds):
-        s_rates.append(bench.student_rate(b))
-        t_rates.append(bench.teacher_rate(b))
     import statistics
 
     rounds: dict = {}
     extra: dict = {}
-    if not a.no_ray:
+    if a.no_ray:
+        s_rates = [bench.student_rate(b) for _ in range(a.rounds)]
+        t_rates = [bench.teacher_rate(b) for _ in range(a.rounds)]
+    else:  # every figure measured on the cluster, round by round
         from kd_cluster.cluster import ensure_ray
         from kd_cluster.cluster.teacher_pool import bench_teacher_ray
 
         ensure_ray(a.address, a.cores)
-        r = bench_teacher_ray(b, cores=a.cores, replicas=a.replicas, prefetches=tuple(a.prefetch), rounds=a.rounds)
-        rounds = r.pop("rounds")
-        extra = r
+        extra = bench_teacher_ray(b, cores=a.cores, replicas=a.replicas, prefetches=tuple(a.prefetch), rounds=a.rounds)
+        rounds = extra.pop("rounds")
+        s_rates, t_rates = extra.pop("student_rates"), extra.pop("teacher_rates")
     res = bench.summarize(rounds, statistics.median(s_rates), statistics.median(t_rates)) | extra
     res["load"] = f"{'/'.join(f'{x:.1f}' for x in load0)} -> {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
     print(bench.format_table(res))
@@ -488,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("job", type=Path)
     bt.add_argument("--profile", default=None)
     bt.add_argument("--batch", type=int, default=None, help="per-worker batch (default: the job's per-worker batch)")
-    bt.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    bt.add_argument("--steps", type=int, default=60, help="timed steps per measurement (after 10 untimed ones)")
     bt.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table shows medians")
     bt.add_argument("--cores", type=int, default=2, help="total CPUs of each end-to-end configuration")
     bt.add_argument("--replicas", type=int, default=1, help="teacher actors (1 CPU each) in the actors configuration")

@@ -316,3 +316,70 @@ def test_no_fork_while_teacher_requests_are_in_flight(tiny_job, tmp_path, monkey
     assert WatchedPool.submitted > 8  # the stage ran on the pool
     assert len(forks) >= 4  # train + eval loader workers, teacher stage and distill stage
     assert forks == [0] * len(forks), f"forked with teacher requests in flight: {forks}"
+
+
+@pytest.mark.slow
+def test_ray_actor_outputs_equal_in_process_server_exactly(ray_cluster: str, tmp_path) -> None:
+    """The same requests through a real Ray actor (uint8 crops and outputs serialised by Ray, pipelined over
+    RayTeacherPool) give bitwise the outputs of an in-process server with the same weights (fp32 on the CPU)."""
+    import ray
+
+    from kd_cluster.cluster.teacher_pool import RayTeacherPool, TeacherActor
+    from kd_cluster.models import save_weights
+    from kd_cluster.teacher.remote import ServerConfig, build_server
+
+    torch.manual_seed(3)
+    weights = str(tmp_path / "teacher.safetensors")
+    save_weights(build_model("cnn_s", num_classes=10, in_chans=1), weights)
+    cfg = ServerConfig(arch="cnn_s", num_classes=10, channels=1, weights=weights, endpoint_url=None,
+                       taps=("stage2", "pool"), mean=MEAN, std=STD, method_name="funmatch")
+    actor = TeacherActor.options(num_cpus=0.5, max_restarts=0).remote(cfg, 1)
+    try:
+        ray_client = RemoteTeacher(RayTeacherPool([actor]), CPU, prefetch=2, max_in_flight=3)
+        local = RemoteTeacher(LocalPool([build_server(cfg, CPU)]), CPU, prefetch=2, max_in_flight=3)
+        g = torch.Generator().manual_seed(0)
+        batches = [{"image": torch.randint(0, 256, (16, 1, 28, 28), generator=g, dtype=torch.uint8), "step": s}
+                   for s in range(6)]
+        lam = [1.0, 0.7, 0.35, 0.5, 0.9, 0.2]
+        got = [ray_client.outputs(b["teacher_out"]) for b in ray_client.feed(iter(dict(x) for x in batches), lam.__getitem__)]
+        want = [local.outputs(b["teacher_out"]) for b in local.feed(iter(dict(x) for x in batches), lam.__getitem__)]
+        local.close()
+        assert len(got) == len(want) == 6
+        for (gl, gf), (wl, wf) in zip(got, want):
+            assert gl.dtype == torch.float32 and torch.equal(gl, wl)
+            assert set(gf) == {"stage2", "pool"} and all(torch.equal(gf[k], wf[k]) for k in wf)
+        m = ray_client.metrics()
+        assert m["teacher/up_bytes_per_image"] == 28 * 28 + 64 / 16  # uint8 crops, 16 per request
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def test_bench_summary_ratios_are_per_round() -> None:
+    from kd_cluster.teacher.bench import format_table, summarize
+
+    rounds = {"colocated: 2 DDP worker(s) x 1 CPU": [100.0, 200.0, 150.0],
+              "actors, prefetch 1: 1 worker(s) + 1 teacher(s)": [95.0, 150.0, 150.0]}
+    res = summarize(rounds, s_rate=80.0, t_rate=40.0)
+    # per-round ratios 0.95, 0.75, 1.0 -> median 0.95 (the ratio of the medians would be 150/150 = 1.0)
+    assert res["ratios"] == {"actors, prefetch 1: 1 worker(s) + 1 teacher(s)": pytest.approx(0.95)}
+    assert res["replicas_per_student"] == 2 and res["separate_teacher_ceiling"] == 40.0
+    assert res["colocated_ceiling"] == pytest.approx(1 / (1 / 80 + 1 / 40))
+    assert "0.95x" in format_table(res)
+
+
+@pytest.mark.slow
+def test_bench_teacher_on_ray_runs_every_configuration(ray_cluster: str) -> None:
+    from kd_cluster.cluster.teacher_pool import bench_teacher_ray
+    from kd_cluster.teacher.bench import BenchSetup
+
+    b = BenchSetup(student="cnn_xs", teacher="cnn_s", batch=8, image_size=28, channels=1, num_classes=10,
+                   steps=3, warmup=1)
+    res = bench_teacher_ray(b, cores=2, replicas=1, prefetches=(0, 1), rounds=1)
+    assert set(res["rounds"]) == {"colocated: 2 DDP worker(s) x 1 CPU",
+                                  "actors, prefetch 0: 1 worker(s) + 1 teacher(s)",
+                                  "actors, prefetch 1: 1 worker(s) + 1 teacher(s)"}
+    assert all(v[0] > 0 for v in res["rounds"].values())
+    assert res["student_rates"][0] > 0 and res["teacher_rates"][0] > 0
+    assert res["teacher_metrics"][1]["up_bytes_per_image"] == 28 * 28 + 64 / 8
+    with pytest.raises(ValueError, match="no core for a student"):
+        bench_teacher_ray(b, cores=1, replicas=1, prefetches=(1,), rounds=1)

@@ -4,7 +4,10 @@ training worker reaches with the teacher colocated or on teacher actors (Ray-fre
 Synthetic uint8 batches of the job's size; random-init models of the job's architectures (weights do not
 change the speed). A "worker" here is one process pinned to ``threads`` torch threads: colocated, it runs
 teacher forward + student step per batch; with actors, it runs the student step while a
-:class:`~kd_cluster.teacher.remote.RemoteTeacher` keeps the next requests in flight.
+:class:`~kd_cluster.teacher.remote.RemoteTeacher` keeps the next requests in flight. Several workers form a
+gloo process group and train as DDP does in a run (gradients all-reduced every step, so they step in
+lockstep); every worker starts its timed window at the same barrier and ends it at another, so the summed
+rate is a rate over one shared window.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from kd_cluster.data import mixup
@@ -35,7 +39,7 @@ class BenchSetup:
     channels: int
     num_classes: int
     steps: int
-    warmup: int = 3
+    warmup: int = 10  # untimed steps: the pipeline fills, the allocator and the caches settle
     threads: int = 1
 
     def server_config(self) -> ServerConfig:
@@ -58,12 +62,16 @@ class _Student:
     """Student step of the bench: normalise, mixup, forward, KL to the teacher (or CE), backward, AdamW."""
 
     def __init__(self, b: BenchSetup, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
         from kd_cluster.models import build_model
         from kd_cluster.train.loop import Normalizer
 
         on_gpu = device.type == "cuda"
         fmt = torch.channels_last if on_gpu else torch.preserve_format
         self.model = build_model(b.student, num_classes=b.num_classes, in_chans=b.channels).to(device, memory_format=fmt)
+        if _world() > 1:  # as in a run: the student's gradients are all-reduced every step
+            self.model = DDP(self.model, device_ids=[device.index] if on_gpu else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, on_gpu).to(device)
         self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
@@ -82,9 +90,29 @@ class _Student:
         self.opt.step()
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _sync(device: torch.device) -> None:
+    """Wait for the device, then for every worker of the group (the shared start and end of a window)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if _world() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def worker_group(world: int, rank: int, init_method: str | None) -> Any:
+    """A gloo process group of the ``world`` bench workers (none for one worker)."""
+    if world <= 1:
+        yield
+        return
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _timed(b: BenchSetup, device: torch.device, fn: Any) -> float:
@@ -152,28 +180,41 @@ def actors_rate(b: BenchSetup, pool: TeacherPool, prefetch: int, rank: int = 0) 
 
 
 def summarize(rounds: dict[str, list[float]], s_rate: float, t_rate: float) -> dict[str, Any]:
-    """Medians of the rounds, plus the derived figures: replicas to keep one student busy and the ceilings."""
+    """Medians of the rounds; each configuration's median ratio to the colocated rate of the same round (the
+    machine's speed drifts between rounds, less within one); the replicas to keep one student busy; ceilings."""
     med = {k: statistics.median(v) for k, v in rounds.items() if v}
-    return {"medians": med, "rounds": rounds, "student_rate": s_rate, "teacher_rate": t_rate,
+    base = next((v for k, v in rounds.items() if k.startswith("colocated")), None)
+    ratios = {k: statistics.median(a / c for a, c in zip(v, base, strict=False)) for k, v in rounds.items()
+              if base and v and not k.startswith("colocated")}
+    return {"medians": med, "ratios": ratios, "rounds": rounds, "student_rate": s_rate, "teacher_rate": t_rate,
             "replicas_per_student": math.ceil(s_rate / t_rate) if t_rate else None,
             "colocated_ceiling": 1.0 / (1.0 / s_rate + 1.0 / t_rate) if s_rate and t_rate else None,
             "separate_teacher_ceiling": min(s_rate, t_rate) if s_rate and t_rate else None}
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{'configuration':<46} {'images/s':>10}"]
-    lines.append(f"{'student step alone (1 worker)':<46} {res['student_rate']:>10.1f}")
-    lines.append(f"{'teacher forward alone (1 replica)':<46} {res['teacher_rate']:>10.1f}")
+    lines = [f"{'configuration':<50} {'images/s':>10} {'vs colocated':>13}"]
+    lines.append(f"{'student step alone (1 worker)':<50} {res['student_rate']:>10.1f}")
+    lines.append(f"{'teacher forward alone (1 replica)':<50} {res['teacher_rate']:>10.1f}")
     for k, v in res.get("medians", {}).items():
-        lines.append(f"{k:<46} {v:>10.1f}")
+        r = res.get("ratios", {}).get(k)
+        lines.append(f"{k:<50} {v:>10.1f} {f'{r:.2f}x' if r is not None else '':>13}")
     if res.get("replicas_per_student"):
         lines.append(f"teacher replicas to keep one student worker busy: {res['replicas_per_student']} "
                      f"(ceil({res['student_rate']:.1f} / {res['teacher_rate']:.1f}))")
         lines.append(f"one worker, colocated ceiling 1/(1/S+1/T): {res['colocated_ceiling']:.1f} images/s; "
                      f"with one separate teacher replica min(S, T): {res['separate_teacher_ceiling']:.1f} images/s")
-    for k in ("up_bytes_per_image", "down_bytes_per_image"):
-        if k in res:
-            lines.append(f"{k.replace('_', ' ')}: {res[k]:.1f}")
+    tm = res.get("teacher_metrics") or {}
+    if tm:
+        lines.append(f"{'first worker, per step':<28} {'prefetch':>8} {'latency p50 s':>14} {'compute p50 s':>14} "
+                     f"{'wait s/step':>12}")
+        for p, m in tm.items():
+            lines.append(f"{'':<28} {p:>8} {m.get('latency_p50_s', float('nan')):>14.4f} "
+                         f"{m.get('compute_p50_s', float('nan')):>14.4f} {m.get('wait_s_per_step', float('nan')):>12.4f}")
+        m = next(iter(tm.values()))
+        if "up_bytes_per_image" in m:
+            lines.append(f"bytes per image: {m['up_bytes_per_image']:.1f} up (uint8 crops), "
+                         f"{m['down_bytes_per_image']:.1f} down (teacher outputs)")
     if "load" in res:
         lines.append(f"load average before / after: {res['load']}")
     return "\n".join(lines)

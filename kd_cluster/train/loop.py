@@ -29,6 +29,7 @@ from kd_cluster.storage import CheckpointStore, Store, storage_options
 from kd_cluster.teacher import ColocatedTeacher
 from kd_cluster.teacher.remote import LocalPool, RemoteTeacher, build_server, server_config
 from kd_cluster.telemetry import Fanout, JsonlSink, NullSink, Progress, Sink, WandbSink, resolve_wandb_mode
+from kd_cluster.train.memory import keep_freed_memory
 from kd_cluster.train.plan import StagePlan
 from kd_cluster.train.session import Session
 from kd_cluster.train.checkpoint import (STATE_FILE, RNG_FILE, CheckpointWriter, restore_files, rng_state,
@@ -217,6 +218,7 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
     with that placement runs one server in this process, behind a thread.
     """
     spec, rank, world, device = plan.spec, session.rank, session.world_size, session.device
+    keep_freed_memory()  # no page-fault storm from glibc trimming activation memory after every step
     t_start = time.perf_counter()
     opts = storage_options(plan.train_manifest, spec.data.endpoint_url)
     train_manifest = load_manifest(plan.train_manifest, opts)
