@@ -383,3 +383,34 @@ def test_bench_teacher_on_ray_runs_every_configuration(ray_cluster: str) -> None
     assert res["teacher_metrics"][1]["up_bytes_per_image"] == 28 * 28 + 64 / 8
     with pytest.raises(ValueError, match="no core for a student"):
         bench_teacher_ray(b, cores=1, replicas=1, prefetches=(1,), rounds=1)
+
+
+def test_replies_are_freed_without_the_cyclic_garbage_collector() -> None:
+    """A reply (teacher features: megabytes) must be freed when the step drops it, not when the cyclic GC
+    runs: a reference cycle through the request's done-callback grew a worker by ~35 KB per step."""
+    import gc
+    import weakref
+
+    from kd_cluster.teacher.remote import ServerConfig, build_server
+
+    cfg = ServerConfig(arch="cnn_s", num_classes=10, channels=1, weights=None, endpoint_url=None,
+                       taps=("stage2",), mean=MEAN, std=STD, method_name="funmatch")
+    rt = RemoteTeacher(LocalPool([build_server(cfg, CPU)]), CPU, prefetch=2, max_in_flight=4)
+    refs = []
+    gc.collect()
+    gc.disable()
+    try:
+        stream = ({"image": torch.full((4, 1, 28, 28), s, dtype=torch.uint8), "step": s} for s in range(12))
+        for b in rt.feed(stream, lambda s: 0.5):
+            logits, feats = rt.outputs(b["teacher_out"])
+            refs.append((weakref.ref(logits), weakref.ref(feats["stage2"])))
+            del logits, feats, b
+        alive = [i for i, (r1, r2) in enumerate(refs) if r1() is not None or r2() is not None]
+        p = rt.request(TeacherRequest(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)))
+        p.result()
+        with pytest.raises(RuntimeError, match="already taken"):
+            p.result()
+    finally:
+        gc.enable()
+        rt.close()
+    assert len(refs) == 12 and alive == []

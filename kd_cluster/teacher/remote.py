@@ -186,16 +186,22 @@ class _Pending:
     def _submit(self, replica: int) -> None:
         self.replica = replica
         self.t_submit = time.perf_counter()
-        self.t_done: float | None = None
+        done_at: list[float] = []
+        self._done_at = done_at
         self.client._outstanding[replica] += 1
-        self.fut = self.client.pool.submit(replica, self.req)
-        self.fut.add_done_callback(self._done)
+        self.fut: Future | None = self.client.pool.submit(replica, self.req)
+        # the callback must not reference self: future -> callback -> self -> future would be a reference cycle,
+        # and every reply (teacher features: megabytes) would wait for the cyclic garbage collector
+        self.fut.add_done_callback(lambda _f: done_at.append(time.perf_counter()))
 
-    def _done(self, _fut: Future) -> None:
-        self.t_done = time.perf_counter()
+    @property
+    def t_done(self) -> float | None:
+        return self._done_at[0] if self._done_at else None
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.client
+        if self.fut is None:
+            raise RuntimeError(f"the teacher outputs of step {self.req.step} were already taken (each once)")
         while True:
             try:
                 reply: TeacherReply = self.fut.result(timeout=c.timeout_s)
@@ -213,6 +219,7 @@ class _Pending:
                 self._submit(c._pick(avoid=self.replica))
         c._outstanding[self.replica] -= 1
         c._record(self, reply)
+        self.fut = None  # the reply is freed as soon as the caller drops the tensors
         dev = c.device
         return (reply.logits.to(dev, non_blocking=True).float(),
                 {k: v.to(dev, non_blocking=True).float() for k, v in reply.features.items()})

@@ -18,7 +18,6 @@ import platform
 import time
 from typing import Any
 
-import psutil
 import torch
 import torch.nn.functional as F
 
@@ -26,8 +25,12 @@ from kd_cluster.teacher.bench import BenchSetup, _batches, _Student
 from kd_cluster.teacher.remote import RemoteTeacher, ServerConfig
 
 
-def _rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """(private, shared) resident MB of a process on this node, from /proc (Linux). Shared memory is mostly the
+    pages of Ray's object store the process has mapped, which stay mapped as the store hands out new space."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k.startswith("Rss")}
+    return kb.get("RssAnon", 0) / 1024, (kb.get("RssShmem", 0) + kb.get("RssFile", 0)) / 1024
 
 
 def run_worker(b: BenchSetup, cfg: ServerConfig, pool: Any, actor_pid: int, a: dict[str, Any]) -> list[dict[str, float]]:
@@ -50,7 +53,9 @@ def run_worker(b: BenchSetup, cfg: ServerConfig, pool: Any, actor_pid: int, a: d
         step = batch["step"] + 1
         if step % a["every"] == 0:
             m = rt.metrics()
-            samples.append({"step": step, "worker_rss_mb": _rss_mb(os.getpid()), "actor_rss_mb": _rss_mb(actor_pid),
+            (w_anon, w_shared), (a_anon, a_shared) = _rss_mb(os.getpid()), _rss_mb(actor_pid)
+            samples.append({"step": step, "worker_rss_mb": w_anon, "actor_rss_mb": a_anon,
+                            "worker_shared_mb": w_shared, "actor_shared_mb": a_shared,
                             "queue_depth_max": m.get("teacher/queue_depth_max", 0.0),
                             "down_bytes_per_image": m.get("teacher/down_bytes_per_image", 0.0),
                             "elapsed_s": time.perf_counter() - t0})
@@ -94,14 +99,20 @@ def main() -> None:
         task = ray.remote(num_cpus=1)(run_worker)
         samples = ray.get(task.remote(b, cfg, RayTeacherPool([actor]), actor_pid, a))
         ray.shutdown()
-    print(f"{'step':>6} {'worker RSS MB':>14} {'actor RSS MB':>13} {'max in flight':>14} {'down B/img':>11} {'s':>7}")
+    print("private = RssAnon (the process's own memory); shared = RssShmem + RssFile (object store pages, libraries)")
+    print(f"{'step':>6} {'worker private MB':>18} {'shared':>8} {'actor private MB':>17} {'shared':>8} "
+          f"{'max in flight':>14} {'down B/img':>11} {'s':>7}")
     for s in samples:
-        print(f"{s['step']:>6} {s['worker_rss_mb']:>14.1f} {s['actor_rss_mb']:>13.1f} {s['queue_depth_max']:>14.0f} "
-              f"{s['down_bytes_per_image']:>11.0f} {s['elapsed_s']:>7.1f}")
+        print(f"{s['step']:>6} {s['worker_rss_mb']:>18.1f} {s['worker_shared_mb']:>8.1f} {s['actor_rss_mb']:>17.1f} "
+              f"{s['actor_shared_mb']:>8.1f} {s['queue_depth_max']:>14.0f} {s['down_bytes_per_image']:>11.0f} "
+              f"{s['elapsed_s']:>7.1f}")
     if len(samples) >= 3:
         first, last = samples[1], samples[-1]  # after warm-up (allocator pools, first-touch pages)
-        print(f"growth from step {first['step']} to {last['step']}: worker {last['worker_rss_mb'] - first['worker_rss_mb']:+.1f} MB, "
-              f"actor {last['actor_rss_mb'] - first['actor_rss_mb']:+.1f} MB")
+        print(f"private memory growth from step {first['step']} to {last['step']}: worker "
+              f"{last['worker_rss_mb'] - first['worker_rss_mb']:+.1f} MB, actor "
+              f"{last['actor_rss_mb'] - first['actor_rss_mb']:+.1f} MB; shared: worker "
+              f"{last['worker_shared_mb'] - first['worker_shared_mb']:+.1f} MB, actor "
+              f"{last['actor_shared_mb'] - first['actor_shared_mb']:+.1f} MB")
 
 
 if __name__ == "__main__":
