@@ -102,9 +102,7 @@ class _suppress_missing:
 def _bench_worker(b: Any, mode: str, handles: list[Any], prefetch: int, rank: int, world: int,
                   init_method: str | None) -> dict[str, float]:
     from kd_cluster.teacher import bench
-    from kd_cluster.train.memory import keep_freed_memory
 
-    keep_freed_memory()  # as training workers and teacher actors do
     if mode == "student":
         return {"images_per_s": bench.student_rate(b)}
     if mode == "teacher":

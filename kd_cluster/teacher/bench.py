@@ -90,6 +90,15 @@ class _Student:
         self.opt.step()
 
 
+def _as_worker(b: BenchSetup) -> None:
+    """This process as a training worker or teacher actor runs: ``b.threads`` torch threads, freed activation
+    memory kept (:func:`~kd_cluster.train.memory.keep_freed_memory`), with Ray or without."""
+    from kd_cluster.train.memory import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(b.threads)
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -129,7 +138,7 @@ def _timed(b: BenchSetup, device: torch.device, fn: Any) -> float:
 
 def student_rate(b: BenchSetup) -> float:
     """Student steps alone (no teacher), images/s."""
-    torch.set_num_threads(b.threads)
+    _as_worker(b)
     dev = _device()
     st, xs = _Student(b, dev), _batches(b)
     return _timed(b, dev, lambda i: st.step(st.inputs(xs[i % len(xs)]), None))
@@ -137,7 +146,7 @@ def student_rate(b: BenchSetup) -> float:
 
 def teacher_rate(b: BenchSetup) -> float:
     """Teacher forwards alone, images/s (the rate of one teacher replica)."""
-    torch.set_num_threads(b.threads)
+    _as_worker(b)
     dev = _device()
     server, xs = build_server(b.server_config(), dev), _batches(b)
     norm = server.norm
@@ -146,7 +155,7 @@ def teacher_rate(b: BenchSetup) -> float:
 
 def colocated_rate(b: BenchSetup) -> float:
     """One worker with the teacher on its own device, images/s."""
-    torch.set_num_threads(b.threads)
+    _as_worker(b)
     dev = _device()
     st, xs = _Student(b, dev), _batches(b)
     teacher: ColocatedTeacher = build_server(b.server_config(), dev).teacher
@@ -160,7 +169,7 @@ def colocated_rate(b: BenchSetup) -> float:
 
 def actors_rate(b: BenchSetup, pool: TeacherPool, prefetch: int, rank: int = 0) -> dict[str, float]:
     """One worker whose teacher outputs come from ``pool`` with ``prefetch`` steps in flight."""
-    torch.set_num_threads(b.threads)
+    _as_worker(b)
     dev = _device()
     st, xs = _Student(b, dev), _batches(b)
     rt = RemoteTeacher(pool, dev, prefetch=prefetch, max_in_flight=max(4, prefetch + 1), rank=rank)
