@@ -537,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, RunNotFound):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
+        if type(exc).__module__.startswith("botocore"):  # object storage refused us (credentials, endpoint)
+            from kd_cluster.storage import describe_store_error
+
+            print(f"error: object storage: {describe_store_error(exc)}", file=sys.stderr)
+            return 1
         if not isinstance(exc, (StageFailed, ClusterError)):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -208,3 +208,27 @@ def test_profiles_merge_only_when_named(tmp_path) -> None:
     assert smoke.student.arch == "cnn_xs" and smoke.data.batch_size == 64  # child profile merged; overrides last
     with pytest.raises(SpecError, match="profile 'fast' is not defined.*known: smoke"):
         load_job(job, profile="fast")
+
+
+def test_object_storage_without_credentials_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """botocore's NoCredentialsError is no OSError: it once escaped `run` as a traceback."""
+    from kd_cluster.cli import main
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup: loopback only
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    closed = "http://127.0.0.1:7"  # never reached: signing fails first
+    spec = load_job(_write(tmp_path, _with(data={"train": "s3://kdc-nocreds/train/manifest.json",
+                                                 "endpoint_url": closed})))
+    with pytest.raises(SpecError) as ei:
+        plan_job(spec, "job.yaml", check_data="all")
+    msg = str(ei.value)
+    assert "data.train: cannot read manifest 's3://kdc-nocreds/train/manifest.json'" in msg
+    assert "Unable to locate credentials" in msg and "AWS_ACCESS_KEY_ID" in msg
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    assert main(["status", "x", "--storage", "s3://kdc-nocreds/runs"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: object storage: Unable to locate credentials") and len(err.strip().splitlines()) == 1

@@ -25,6 +25,26 @@ def storage_options(url: str, endpoint_url: str | None) -> dict[str, Any]:
     return {}
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What reading or writing a store raises when the store, not the code, is at fault: fsspec's OSErrors, and
+    botocore's own errors (no credentials, a bad endpoint), which s3fs lets through untranslated."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError)
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no S3 support installed: nothing more to catch
+        return errors
+    return (*errors, BotoCoreError)
+
+
+def describe_store_error(exc: BaseException) -> str:
+    """One line naming what went wrong with a store, with the fix where it is known."""
+    text = str(exc) or type(exc).__name__
+    if type(exc).__name__ == "NoCredentialsError":
+        text += (" (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, where this runs; "
+                 "on a cluster, in the workers' environment)")
+    return text
+
+
 def is_remote(url: str) -> bool:
     """True for URLs with a scheme other than file://."""
     return "://" in url and not url.startswith("file://")
@@ -168,4 +188,5 @@ class CheckpointStore:
         return self.store.exists(self._rel(self.dirname(step), name))
 
 
-__all__ = ["CheckpointStore", "Store", "absolute", "is_remote", "join", "storage_options"]
+__all__ = ["CheckpointStore", "Store", "absolute", "describe_store_error", "is_remote", "join", "storage_options",
+           "store_errors"]

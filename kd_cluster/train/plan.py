@@ -15,7 +15,7 @@ from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
 from kd_cluster.data import DataError, Manifest, load_manifest
 from kd_cluster.methods import MethodError, Needs, method_needs
 from kd_cluster.models import ModelError, check_model_name, check_taps
-from kd_cluster.storage import absolute, is_remote, join, storage_options
+from kd_cluster.storage import absolute, describe_store_error, is_remote, join, storage_options, store_errors
 
 STAGE_REF = "stage:"
 METHOD_ARTIFACT = "method.safetensors"
@@ -69,8 +69,8 @@ def _open_manifest(url: str, endpoint: str | None, field: str, problems: list[st
         return load_manifest(absolute(url), storage_options(url, endpoint))
     except DataError as exc:
         problems.append(f"{field}: {exc}")
-    except (OSError, ValueError) as exc:  # fsspec/s3 errors: unreachable store, no credentials
-        problems.append(f"{field}: cannot read manifest {url!r}: {exc}")
+    except store_errors() as exc:  # fsspec/s3 errors: unreachable store, no credentials
+        problems.append(f"{field}: cannot read manifest {url!r}: {describe_store_error(exc)}")
     return None
 
 
