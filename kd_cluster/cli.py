@@ -330,7 +330,8 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     from kd_cluster.train import plan_job
 
     spec = load_job(a.job, profile=a.profile) if a.profile else load_job(a.job)
-    plans = [p for p in plan_job(spec, str(a.job), check_data="all")
+    # the bench feeds synthetic batches: remote data need not be reachable (local manifests give classes, channels)
+    plans = [p for p in plan_job(spec, str(a.job), check_data="local")
              if p.teacher_arch and method_needs(p.spec.method.name, p.spec.method.params()).teacher]
     if not plans:
         raise SystemExit(f"{a.job}: no stage of this job uses a teacher; nothing to benchmark")
@@ -338,7 +339,8 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     workers = p.spec.resources.num_workers
     b = bench.BenchSetup(student=p.arch, teacher=p.teacher_arch, batch=a.batch or max(1, p.spec.data.batch_size // workers),
                          image_size=p.spec.data.image_size, channels=p.channels or 3,
-                         num_classes=p.num_classes or 1000, steps=a.steps, threads=1)
+                         num_classes=p.num_classes or 1000, steps=a.steps, threads=1,
+                         amp=p.spec.resources.amp, channels_last=p.spec.resources.channels_last)
     load0 = os.getloadavg()
     print(f"[{p.stage}] student {b.student}, teacher {b.teacher}, batch {b.batch} per worker, "
           f"{b.image_size} px, {a.steps} timed steps, 1 torch thread per process")
@@ -346,9 +348,13 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
 
     rounds: dict = {}
     extra: dict = {}
-    if a.no_ray:
-        s_rates = [bench.student_rate(b) for _ in range(a.rounds)]
-        t_rates = [bench.teacher_rate(b) for _ in range(a.rounds)]
+    if a.no_ray:  # one process: student alone, teacher alone, and both on its one device, round by round
+        s_rates, t_rates, c_rates = [], [], []
+        for _ in range(a.rounds):
+            s_rates.append(bench.student_rate(b))
+            t_rates.append(bench.teacher_rate(b))
+            c_rates.append(bench.colocated_rate(b))
+        rounds = {"colocated (1 worker, teacher on its device)": c_rates}
     else:  # every figure measured on the cluster, round by round
         from kd_cluster.cluster import ensure_ray
         from kd_cluster.cluster.teacher_pool import bench_teacher_ray
@@ -492,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--cores", type=int, default=2, help="total CPUs of each end-to-end configuration")
     bt.add_argument("--replicas", type=int, default=1, help="teacher actors (1 CPU each) in the actors configuration")
     bt.add_argument("--prefetch", type=int, nargs="+", default=[0, 1, 2])
-    bt.add_argument("--no-ray", action="store_true", help="student and teacher rates only, in this process")
+    bt.add_argument("--no-ray", action="store_true", help="student, teacher and colocated rates only, in this process")
     bt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(fn=cmd_bench_teacher)

@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 import torch
@@ -365,6 +366,29 @@ def test_bench_summary_ratios_are_per_round() -> None:
     assert res["replicas_per_student"] == 2 and res["separate_teacher_ceiling"] == 40.0
     assert res["colocated_ceiling"] == pytest.approx(1 / (1 / 80 + 1 / 40))
     assert "0.95x" in format_table(res)
+
+
+def test_bench_teacher_without_ray_needs_neither_ray_nor_the_data(tiny_job: Any) -> None:
+    """The Ray-free bench is what runs on a GPU machine without Ray, for a job whose data and teacher weights
+    live in object storage it cannot reach: it must import no Ray and open no remote data."""
+    import json
+    import subprocess
+    import sys
+
+    closed = "http://127.0.0.1:9"  # nothing listens there: any attempt to open the data would fail
+    job = tiny_job("bn", data={"train": "s3://no-such-bucket/train/manifest.json",
+                               "val": "s3://no-such-bucket/val/manifest.json", "endpoint_url": closed})
+    code = ("import sys; sys.modules['ray'] = None  # any import of ray now raises\n"
+            "from kd_cluster.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "bench", "teacher", str(job), "--no-ray", "--steps", "2",
+                        "--rounds", "2", "--batch", "4", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["student_rate"] > 0 and res["teacher_rate"] > 0
+    (name, rates), = res["rounds"].items()  # the colocated rate of each round, measured in the same process
+    assert name.startswith("colocated") and len(rates) == 2 and min(rates) > 0
+    assert res["colocated_ceiling"] == pytest.approx(1 / (1 / res["student_rate"] + 1 / res["teacher_rate"]))
+    assert "colocated (1 worker" in r.stdout
 
 
 @pytest.mark.slow

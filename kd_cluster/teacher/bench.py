@@ -41,11 +41,14 @@ class BenchSetup:
     steps: int
     warmup: int = 10  # untimed steps: the pipeline fills, the allocator and the caches settle
     threads: int = 1
+    amp: bool = True  # on a GPU, as the job's resources say: bf16 autocast, channels-last memory
+    channels_last: bool = True
 
     def server_config(self) -> ServerConfig:
         mean, std = [0.5] * self.channels, [0.25] * self.channels
         return ServerConfig(arch=self.teacher, num_classes=self.num_classes, channels=self.channels, weights=None,
-                            endpoint_url=None, taps=(), mean=mean, std=std, method_name="funmatch")
+                            endpoint_url=None, taps=(), mean=mean, std=std, method_name="funmatch", amp=self.amp,
+                            channels_last=self.channels_last)
 
 
 def _device() -> torch.device:
@@ -68,13 +71,13 @@ class _Student:
         from kd_cluster.train.loop import Normalizer
 
         on_gpu = device.type == "cuda"
-        fmt = torch.channels_last if on_gpu else torch.preserve_format
+        fmt = torch.channels_last if on_gpu and b.channels_last else torch.preserve_format
         self.model = build_model(b.student, num_classes=b.num_classes, in_chans=b.channels).to(device, memory_format=fmt)
         if _world() > 1:  # as in a run: the student's gradients are all-reduced every step
             self.model = DDP(self.model, device_ids=[device.index] if on_gpu else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, on_gpu).to(device)
-        self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+        self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, on_gpu and b.channels_last).to(device)
+        self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu and b.amp else contextlib.nullcontext
         self.device = device
 
     def inputs(self, img: torch.Tensor) -> torch.Tensor:
