@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,6 +84,21 @@ def ray_cluster(builtin_cache: Path, s3: S3Server) -> Iterator[str]:
         yield ctx.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+# A line that Ray's log monitor forwards to a driver's stderr: "(raylet) ..." or "(Actor pid=12, ip=...) ...",
+# coloured or not. The test session is itself a Ray driver, so these can land in any in-process capture.
+_RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[^)]*\bpid=\d+[^)]*)\)")
+
+
+@pytest.fixture
+def own_stderr() -> Any:
+    """A filter: what a command itself wrote to stderr, without the lines Ray forwards from the cluster."""
+
+    def own(text: str) -> str:
+        return "".join(line for line in text.splitlines(keepends=True) if not _RAY_FORWARDED.match(line))
+
+    return own
 
 
 TINY: dict[str, Any] = {

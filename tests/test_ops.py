@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,16 +35,6 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> 
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "kd_cluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=full)
-
-
-# A line that Ray's log monitor forwards to a driver's stderr: "(raylet) ..." or "(Actor pid=12, ip=...) ...",
-# coloured or not. The test session is itself a Ray driver, so these can land in any in-process capture.
-_RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[^)]*\bpid=\d+[^)]*)\)")
-
-
-def own_stderr(text: str) -> str:
-    """What the command itself wrote to stderr, without the lines Ray forwards asynchronously from the cluster."""
-    return "".join(line for line in text.splitlines(keepends=True) if not _RAY_FORWARDED.match(line))
 
 
 def free_ports(n: int) -> list[int]:
@@ -241,7 +230,8 @@ def test_submit_watch_stop_resume_on_a_real_head(ray_head: str, tiny_job: Any, t
 # -- without a cluster: errors, submissions as sent, runs in storage -------------------------------------------
 
 
-def test_cluster_errors_are_one_line_and_nonzero(tiny_job: Any, capsys: Any, monkeypatch: Any) -> None:
+def test_cluster_errors_are_one_line_and_nonzero(tiny_job: Any, capsys: Any, monkeypatch: Any,
+                                                 own_stderr: Any) -> None:
     from kd_cluster.cli import main
 
     # Ray's forwarded lines (here the raylet's disk warning) are not the command's output; the rest is kept
