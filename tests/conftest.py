@@ -92,8 +92,8 @@ _RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[^)]*\bpid=\d+[^)]
 
 
 @pytest.fixture
-def own_stderr() -> Any:
-    """A filter: what a command itself wrote to stderr, without the lines Ray forwards from the cluster."""
+def own_output() -> Any:
+    """A filter: what a command itself wrote (stdout or stderr), without the lines Ray forwards from the cluster."""
 
     def own(text: str) -> str:
         return "".join(line for line in text.splitlines(keepends=True) if not _RAY_FORWARDED.match(line))

@@ -212,7 +212,7 @@ def test_profiles_merge_only_when_named(tmp_path) -> None:
 
 
 def test_object_storage_without_credentials_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture, own_stderr: Any) -> None:
+                                                                 capsys: pytest.CaptureFixture, own_output: Any) -> None:
     """botocore's NoCredentialsError is no OSError: it once escaped `run` as a traceback."""
     from kd_cluster.cli import main
 
@@ -231,5 +231,5 @@ def test_object_storage_without_credentials_is_a_one_line_error(tmp_path: Path, 
     assert "Unable to locate credentials" in msg and "AWS_ACCESS_KEY_ID" in msg
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
     assert main(["status", "x", "--storage", "s3://kdc-nocreds/runs"]) == 1
-    err = own_stderr(capsys.readouterr().err)
+    err = own_output(capsys.readouterr().err)
     assert err.startswith("error: object storage: Unable to locate credentials") and len(err.strip().splitlines()) == 1

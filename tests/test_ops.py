@@ -231,11 +231,11 @@ def test_submit_watch_stop_resume_on_a_real_head(ray_head: str, tiny_job: Any, t
 
 
 def test_cluster_errors_are_one_line_and_nonzero(tiny_job: Any, capsys: Any, monkeypatch: Any,
-                                                 own_stderr: Any) -> None:
+                                                 own_output: Any) -> None:
     from kd_cluster.cli import main
 
     # Ray's forwarded lines (here the raylet's disk warning) are not the command's output; the rest is kept
-    assert own_stderr("\x1b[33m(raylet)\x1b[0m [E] over 95% full\nerror: a.yaml: invalid job spec\n"
+    assert own_output("\x1b[33m(raylet)\x1b[0m [E] over 95% full\nerror: a.yaml: invalid job spec\n"
                       "  - x: (pid=3) unknown\n") == "error: a.yaml: invalid job spec\n  - x: (pid=3) unknown\n"
     job = tiny_job("err")
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"
@@ -246,7 +246,7 @@ def test_cluster_errors_are_one_line_and_nonzero(tiny_job: Any, capsys: Any, mon
 
     def run(*args: str) -> tuple[int, str]:
         rc = main(list(args))
-        return rc, own_stderr(capsys.readouterr().err)
+        return rc, own_output(capsys.readouterr().err)
 
     # an invalid spec is reported exactly as `validate` reports it, before any connection is tried
     bad, val = run("submit", str(job), "optimizer.lrr=0.1", "--address", closed), run("validate", str(job),
@@ -333,7 +333,7 @@ def test_wandb_target_names_entity_project_and_run(tiny_job: Any, monkeypatch: A
 
 
 def test_local_status_shows_the_stage_and_latest_checkpoint(tiny_job: Any, tmp_path: Path, capsys: Any,
-                                                            monkeypatch: Any) -> None:
+                                                            monkeypatch: Any, own_output: Any) -> None:
     from kd_cluster.cli import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -346,7 +346,7 @@ def test_local_status_shows_the_stage_and_latest_checkpoint(tiny_job: Any, tmp_p
     ck.write_file(4, "state.pt", b"x")
     ck.commit(4, keep=2)
     assert main(["status", "st", "--storage", str(tmp_path / "runs"), "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)
+    p = json.loads(own_output(capsys.readouterr().out))
     assert p["stage"] == "distill" and not p["finished"]
     teacher, distill = p["stages"]
     assert (teacher["state"], teacher["steps"], teacher["top1"]) == ("finished", 6, 0.25)
