@@ -298,7 +298,7 @@ def make_eval_loader(stream: EvalStream, *, num_workers: int) -> DataLoader:
     fork handlers stop its pollers in the parent mid-call).
     """
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_ignore_sigterm)
+                      worker_init_fn=_ignore_sigterm)
 
 
 def start_workers(loader: DataLoader) -> None:

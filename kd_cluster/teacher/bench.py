@@ -71,12 +71,13 @@ class _Student:
         from kd_cluster.train.loop import Normalizer
 
         on_gpu = device.type == "cuda"
-        fmt = torch.channels_last if on_gpu and b.channels_last else torch.preserve_format
+        channels_last = on_gpu and b.channels_last
+        fmt = torch.channels_last if channels_last else torch.preserve_format
         self.model = build_model(b.student, num_classes=b.num_classes, in_chans=b.channels).to(device, memory_format=fmt)
         if _world() > 1:  # as in a run: the student's gradients are all-reduced every step
             self.model = DDP(self.model, device_ids=[device.index] if on_gpu else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, on_gpu and b.channels_last).to(device)
+        self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, channels_last).to(device)
         self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu and b.amp else contextlib.nullcontext
         self.device = device
 
