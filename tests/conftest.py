@@ -16,6 +16,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the session's Ray cluster run last (in file order), so that every test that forks loader
+    processes in this process does so before it becomes a Ray driver (with gRPC threads and handles)."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All builtin datasets of the session go to one temporary cache (set before Ray starts)."""

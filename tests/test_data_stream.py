@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from kd_cluster.data import (
     EvalStream,
     Manifest,
     TrainStream,
+    close_loader,
+    make_eval_loader,
     make_train_loader,
     mixup,
     mixup_lambda,
@@ -239,3 +247,65 @@ def test_data_layer_imports_no_ray_or_wandb() -> None:
     code = ("import sys, kd_cluster.data; bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'wandb') "
             "or (m.startswith('kd_cluster.') and not m.startswith('kd_cluster.data'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_process_holding_a_live_loader_still_exits() -> None:
+    """Loader workers ignore SIGTERM; a process that exits while it still references a running loader (from a
+    traceback, say) must still exit, and its loader processes with it."""
+    script = textwrap.dedent("""
+        import torch
+        from torch.utils.data import IterableDataset
+        from kd_cluster.data import make_eval_loader, start_workers
+
+        class Endless(IterableDataset):
+            def __iter__(self):
+                while True:
+                    yield torch.zeros(3)
+
+        loader = make_eval_loader(Endless(), num_workers=1)
+        start_workers(loader)
+        it = iter(loader)
+        next(it)
+        print(*(w.pid for w in it._workers), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert pids
+    time.sleep(0.5)
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z", f"loader process {pid} lives on"
+
+
+class _Finalized:
+    """Part of a reference cycle; records the process that finalizes it."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.me = log, self
+
+    def __del__(self) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class _Collecting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        gc.collect()
+        yield torch.zeros(1)
+
+
+def test_loader_workers_never_finalize_objects_of_the_training_process(tmp_path: Path) -> None:
+    """Garbage the training process had not collected yet when it forked its loader (in a Ray process: gRPC
+    and Ray handles) is never finalized in a loader worker."""
+    log = tmp_path / "finalized.txt"
+    gc.disable()
+    try:
+        _Finalized(log)  # unreachable at once, but only the cyclic collector can free it
+        loader = make_eval_loader(_Collecting(), num_workers=1)
+        assert len(list(loader)) == 1
+        close_loader(loader)
+    finally:
+        gc.enable()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]  # finalized once, here, not in the worker

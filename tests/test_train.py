@@ -46,6 +46,32 @@ def test_no_ray_stages_artifacts_and_skip(tiny_job, tmp_path: Path) -> None:
     assert again.skipped == ["teacher", "distill"]
 
 
+def test_no_ray_stage_error_stops_its_loader_processes(tiny_job, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that fails stops its loader processes at once, even while its traceback is still held."""
+    import multiprocessing
+
+    from kd_cluster.cluster import run_job
+    from kd_cluster.train import loop
+
+    real = loop.train_step
+
+    def failing(batch, *args, **kwargs):
+        if batch["step"] == 3:
+            raise RuntimeError("boom at step 3")
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", failing)
+    job = tiny_job("fails", resources={"num_workers": 1},
+                   stages=[{"name": "teacher", "trains": "teacher",
+                            "set": {"method": {"name": "supervised"}, "augment": {"mixup_alpha": 0.0}}}])
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(RuntimeError, match="boom at step 3") as failure:
+        run_job(load_job(job), str(job), use_ray=False)
+    assert failure.traceback  # the frames (and the loader objects in them) are still referenced here
+    left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert left == []
+
+
 @pytest.mark.slow
 def test_ray_two_workers_ddp(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
     from kd_cluster.cluster import run_job

@@ -12,7 +12,7 @@ from .augment import AugmentParams, mixup, mixup_lambda
 from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
-from .stream import EvalStream, TrainStream, make_eval_loader, make_train_loader, start_workers
+from .stream import EvalStream, TrainStream, close_loader, make_eval_loader, make_train_loader, start_workers
 from .writer import build_imagefolder, build_mnist5k, build_torchvision, write_split
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "TrainStream",
     "build_imagefolder",
     "build_mnist5k",
+    "close_loader",
     "build_torchvision",
     "builtin_names",
     "cache_dir",

@@ -54,8 +54,12 @@ permuted order).
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import gc
 import logging
+import multiprocessing.util  # noqa: F401  (its exit hook must be registered before ours, so ours runs first)
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -277,7 +281,7 @@ def make_train_loader(stream: TrainStream, *, num_workers: int, pin_memory: bool
             f"make_train_loader(num_workers={num_workers}) for a TrainStream over {stream.manifest.url} built "
             f"with num_workers={stream.num_workers}; they must match (the worker count is part of the data order)"
         )
-    return DataLoader(
+    return _Loader(
         stream,
         batch_size=None,
         num_workers=num_workers,
@@ -297,8 +301,8 @@ def make_eval_loader(stream: EvalStream, *, num_workers: int) -> DataLoader:
     process: forking later, while a Ray/gRPC call is in flight, can crash the training process (gRPC's
     fork handlers stop its pollers in the parent mid-call).
     """
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      worker_init_fn=_ignore_sigterm)
+    return _Loader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                   worker_init_fn=_ignore_sigterm)
 
 
 def start_workers(loader: DataLoader) -> None:
@@ -313,6 +317,64 @@ def _ignore_sigterm(_worker_id: int) -> None:
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Iterators of loaders whose worker processes ignore SIGTERM. Python's multiprocessing stops leftover
+# daemon processes at exit with SIGTERM and then waits for them without a limit, so a process that
+# exits while such an iterator is still referenced (by an exception's traceback, say) would hang.
+_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose multi-process iterators can be closed, and are closed at interpreter exit.
+
+    Its workers are forked with every object of the training process frozen out of the cyclic garbage
+    collector (``gc.freeze``), so a collection in a worker never runs finalizers of objects it inherited:
+    in a process that is also a Ray driver or worker those include gRPC and Ray handles, whose teardown in a
+    forked child can corrupt its heap.
+    """
+
+    def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        ours = gc.get_freeze_count() == 0  # a process that froze objects itself keeps its own arrangement
+        if ours:
+            gc.freeze()
+        try:
+            it = super()._get_iterator()  # forks the workers
+        finally:
+            if ours:
+                gc.unfreeze()
+        _LIVE.add(it)
+        return it
+
+
+def close_loader(loader: Any, timeout_s: float = 5.0) -> None:
+    """Stop the worker processes of ``loader`` (a DataLoader from this module, or an iterator of one) now;
+    idempotent. Workers are asked to finish, and killed if still alive after ``timeout_s`` (they ignore
+    SIGTERM, so terminating them would not do)."""
+    it = loader
+    if isinstance(loader, DataLoader):
+        it, loader._iterator = loader._iterator, None
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    workers = list(getattr(it, "_workers", ()))
+    it._shutdown_workers()
+    for w in workers:
+        w.join(timeout_s)
+        if w.is_alive():
+            w.kill()
+            w.join(timeout_s)
+    _LIVE.discard(it)
+
+
+@atexit.register
+def _close_loaders_at_exit() -> None:
+    for it in list(_LIVE):
+        try:
+            close_loader(it, timeout_s=2.0)
+        except Exception:  # noqa: BLE001 - exiting anyway: never turn an exit into a hang or a traceback
+            log.debug("closing a data loader at exit failed", exc_info=True)
 
 
 class EvalStream(IterableDataset):

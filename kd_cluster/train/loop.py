@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kd_cluster.data import (AugmentParams, EvalStream, TrainStream, load_manifest, make_eval_loader, make_train_loader,
-                             mixup, mixup_lambda, start_workers)
+from kd_cluster.data import (AugmentParams, EvalStream, TrainStream, close_loader, load_manifest, make_eval_loader,
+                             make_train_loader, mixup, mixup_lambda, start_workers)
 from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method, method_needs
 from kd_cluster.models import TappedModel, build_model, load_weights, save_weights
 from kd_cluster.optim import build_optimizer, build_schedule, milestone_steps, optimizer_step
@@ -217,6 +217,11 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
     ``teacher_pool``: the teacher servers of ``teacher.placement: actors`` (the driver's Ray actors); None
     with that placement runs one server in this process, behind a thread.
     """
+    with contextlib.ExitStack() as cleanup:  # loader processes and teacher threads stop however the stage ends
+        return _run_stage(plan, session, teacher_pool, cleanup)
+
+
+def _run_stage(plan: StagePlan, session: Session, teacher_pool: Any, cleanup: contextlib.ExitStack) -> StageResult:
     spec, rank, world, device = plan.spec, session.rank, session.world_size, session.device
     keep_freed_memory()  # no page-fault storm from glibc trimming activation memory after every step
     t_start = time.perf_counter()
@@ -237,6 +242,8 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
     teacher = None
     if needs.teacher and plan.teacher_arch and spec.teacher.placement == "actors":
         teacher = _remote_teacher(plan, teacher_pool, device, rank)
+        if teacher_pool is None:  # its own in-process server
+            cleanup.callback(teacher.close)
     elif needs.teacher and plan.teacher_arch:
         t_model = build_model(plan.teacher_arch, num_classes=plan.num_classes, in_chans=plan.channels)
         load_weights(t_model, plan.teacher_weights,
@@ -281,12 +288,14 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
                          num_workers=spec.data.loader_workers, start_step=start_step, augment=aug, views=views,
                          storage_options=opts)
     loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers, pin_memory=on_gpu))
+    cleanup.callback(close_loader, loader)
     val_manifest = load_manifest(plan.val_manifest, opts) if plan.val_manifest else None
     ev_loader = None
     if val_manifest is not None:
         ev = EvalStream(val_manifest, batch_size=spec.data.eval_batch_size or per_rank, rank=rank,
                         world_size=world, augment=aug, storage_options=opts)
         ev_loader = make_eval_loader(ev, num_workers=min(1, spec.data.loader_workers))
+        cleanup.callback(close_loader, ev_loader)
         # every loader process is forked here, before teacher requests are in flight: a fork during a Ray call
         # crashed the worker (gRPC's fork handlers) when evaluation started mid-stage with teacher actors
         start_workers(ev_loader)
@@ -402,8 +411,6 @@ def run_stage(plan: StagePlan, session: Session, teacher_pool: Any = None) -> St
                          wall_s=time.perf_counter() - t_start, wandb_dir=getattr(wb, "dir", None),
                          wandb_url=getattr(wb, "url", None))
     sink.close()
-    if isinstance(teacher, RemoteTeacher) and teacher_pool is None:
-        teacher.close()
     if rank == 0:
         _publish(plan, model, method, result)
     if world > 1:
