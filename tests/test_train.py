@@ -41,9 +41,43 @@ def test_no_ray_stages_artifacts_and_skip(tiny_job, tmp_path: Path) -> None:
     assert [m["step"] for m in teacher_log] == [10, 20, 30]
     assert teacher_log[-1]["ce"] < teacher_log[0]["ce"]  # it learns
     distill_log = _metrics(tmp_path, "local", "distill")
-    assert {"kl", "lr", "images_per_s", "data_wait_s_per_step", "eval/agreement", "eval/teacher_top1"} <= set(distill_log[-1])
+    assert {"kl", "lr", "images_per_s", "data_wait_s_per_step", "eval/agreement", "eval/teacher_top1",
+            "train/teacher_agreement"} <= set(distill_log[-1])
+    assert "train/teacher_agreement" not in teacher_log[-1]  # no teacher in a supervised stage
     again = run_job(spec, str(job), use_ray=False)
     assert again.skipped == ["teacher", "distill"]
+
+
+def test_train_step_reports_agreement_with_the_teacher_on_the_batch() -> None:
+    """``train/teacher_agreement``: the fraction of the batch where student and teacher pick the same class."""
+    import contextlib
+
+    import torch
+    from torch import nn
+
+    from kd_cluster.methods import build_method
+    from kd_cluster.teacher import ColocatedTeacher
+    from kd_cluster.train.loop import Normalizer, train_step
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    t_model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    batch = {"image": torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8), "label": torch.arange(32) % 10,
+             "index": torch.arange(32), "step": 0}
+    norm = Normalizer([0.5], [0.5], False)
+    kw = dict(net=student, method=build_method("funmatch", {}), norm=norm, device=cpu,
+              autocast=contextlib.nullcontext())
+    stats: dict = {}
+    train_step(batch, 1.0, teacher=ColocatedTeacher(t_model, cpu), stats=stats, **kw)
+    with torch.no_grad():
+        x = norm(batch["image"])
+        want = (student(x).argmax(1) == t_model(x).argmax(1)).float().mean()
+    assert 0.0 < want < 1.0  # two random models agree on some samples, not all
+    assert torch.equal(stats["train/teacher_agreement"], want)
+    same: dict = {}
+    train_step(batch, 1.0, teacher=ColocatedTeacher(student, cpu), stats=same, **kw)
+    assert same["train/teacher_agreement"].item() == 1.0
 
 
 def test_no_ray_stage_error_stops_its_loader_processes(tiny_job, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,9 +133,14 @@ def evaluate(model: nn.Module | None, teacher: ColocatedTeacher | None, loader: 
 
 def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module | None, teacher: ColocatedTeacher | None,
                method: Method, norm: Normalizer, device: torch.device,
-               autocast: contextlib.AbstractContextManager, step: int = 0) -> dict[str, torch.Tensor]:
+               autocast: contextlib.AbstractContextManager, step: int = 0,
+               stats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Forward passes of one step: the views the method asked for, mixup, expansion, teacher, student,
-    loss terms. ``net`` None: the method trains only its own modules (``needs.student`` False)."""
+    loss terms. ``net`` None: the method trains only its own modules (``needs.student`` False).
+
+    ``stats``, when given, receives detached scalars about the step that are not loss terms: with a teacher,
+    ``train/teacher_agreement``, the fraction of the training batch on which the student's top class (on its
+    input) equals the teacher's (on the teacher's view), i.e. how well the student fits its targets."""
     needs = method.needs
     x = norm(batch["image"].to(device, non_blocking=True))
     x = method.expand(mixup(x, lam) if lam < 1.0 else x)
@@ -158,6 +163,8 @@ def train_step(batch: dict[str, Any], lam: float, *, net: nn.Module | None, teac
         s_logits, s_feats = out if isinstance(out, tuple) else (out, {})
         s_logits = s_logits.float()
         s_feats = {k: v.float() for k, v in s_feats.items()}
+    if stats is not None and s_logits is not None and t_logits is not None and t_logits.shape[0] == s_logits.shape[0]:
+        stats["train/teacher_agreement"] = (s_logits.detach().argmax(1) == t_logits.argmax(1)).float().mean()
     labels = batch["label"].to(device, non_blocking=True)
     index = batch["index"].to(device, non_blocking=True) if needs.index else None
     return method(StepOutputs(student_logits=s_logits, labels=labels, lam=lam, teacher_logits=t_logits,
@@ -343,8 +350,9 @@ def _run_stage(plan: StagePlan, session: Session, teacher_pool: Any, cleanup: co
         corrupt += batch["corrupt"]
         keys_crc = zlib.crc32("\n".join(batch["key"]).encode(), keys_crc)
         lam = mixup_lambda(spec.seed, step, spec.augment.mixup_alpha)
+        stats: dict[str, torch.Tensor] = {}
         terms = train_step(batch, lam, net=net, teacher=teacher, method=method, norm=norm, device=device,
-                           autocast=autocast, step=step)
+                           autocast=autocast, step=step, stats=stats)
         loss = torch.stack(list(terms.values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -355,9 +363,9 @@ def _run_stage(plan: StagePlan, session: Session, teacher_pool: Any, cleanup: co
         optimizer_step(optimizer, spec.optimizer.name, spec.seed, step)
         sched.step()
 
-        detached = torch.stack([loss.detach(), *(v.detach() for v in terms.values())])
+        detached = torch.stack([loss.detach(), *(v.detach() for v in terms.values()), *stats.values()])
         term_sums = detached if term_sums is None else term_sums + detached
-        term_names = ["loss", *terms]
+        term_names = ["loss", *terms, *stats]
         window_steps += 1
         done = step + 1
         last = done == plan.total_steps
