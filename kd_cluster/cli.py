@@ -325,19 +325,20 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     import os
 
     from kd_cluster.config import load_job
-    from kd_cluster.methods import method_needs
     from kd_cluster.teacher import bench
     from kd_cluster.train import plan_job
 
     spec = load_job(a.job, profile=a.profile) if a.profile else load_job(a.job)
     # the bench feeds synthetic batches: remote data need not be reachable (local manifests give classes, channels)
-    plans = [p for p in plan_job(spec, str(a.job), check_data="local")
-             if p.teacher_arch and method_needs(p.spec.method.name, p.spec.method.params()).teacher]
+    plans = [p for p in plan_job(spec, str(a.job), check_data="local") if p.teacher is not None]
     if not plans:
         raise SystemExit(f"{a.job}: no stage of this job uses a teacher; nothing to benchmark")
     p = plans[0]
+    if p.teacher.is_ensemble:
+        print(f"[{p.stage}] an ensemble teacher: measuring its first member, {p.teacher.members[0].name!r}")
     workers = p.spec.resources.num_workers
-    b = bench.BenchSetup(student=p.arch, teacher=p.teacher_arch, batch=a.batch or max(1, p.spec.data.batch_size // workers),
+    b = bench.BenchSetup(student=p.arch, teacher=p.teacher.members[0].arch,
+                         batch=a.batch or max(1, p.spec.data.batch_size // workers),
                          image_size=p.spec.data.image_size, channels=p.channels or 3,
                          num_classes=p.num_classes or 1000, steps=a.steps, threads=1,
                          amp=p.spec.resources.amp, channels_last=p.spec.resources.channels_last)

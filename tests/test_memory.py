@@ -11,7 +11,7 @@ import pytest
 
 CODE = """
 import resource, torch
-from kd_cluster.train.memory import keep_freed_memory
+from kd_cluster.models import keep_freed_memory
 print(keep_freed_memory())
 torch.set_num_threads(1)
 from kd_cluster.models import build_model

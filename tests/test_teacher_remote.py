@@ -286,7 +286,7 @@ def test_no_fork_while_teacher_requests_are_in_flight(tiny_job, tmp_path, monkey
 
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
-    from kd_cluster.train import loop
+    from kd_cluster.teacher import remote
 
     class WatchedPool(LocalPool):
         in_flight = 0
@@ -301,7 +301,7 @@ def test_no_fork_while_teacher_requests_are_in_flight(tiny_job, tmp_path, monkey
             fut.add_done_callback(lambda _f: setattr(type(self), "in_flight", type(self).in_flight - 1))
             return fut
 
-    monkeypatch.setattr(loop, "LocalPool", WatchedPool)
+    monkeypatch.setattr(remote, "LocalPool", WatchedPool)
     os.register_at_fork(before=_before_fork)
     _FORK_WATCH["pool"] = WatchedPool
     try:

@@ -35,13 +35,11 @@ def _train_fn(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     from kd_cluster.cluster.ray_session import RaySession
 
-    plan = config["plan"]
-    pool = None
-    if config.get("teacher_pool"):
-        from kd_cluster.cluster.teacher_pool import RayTeacherPool
+    from kd_cluster.cluster.teacher_pool import worker_pools
 
-        pool = RayTeacherPool(config["teacher_pool"])
-    run_stage(plan, RaySession(plan.spec.fault_tolerance.preemption_grace_s), teacher_pool=pool)
+    plan = config["plan"]
+    run_stage(plan, RaySession(plan.spec.fault_tolerance.preemption_grace_s),
+              teacher_pools=worker_pools(config.get("teacher_pools")))
 
 
 def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
@@ -72,33 +70,32 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
                  configure_logging=True, logging_level="WARNING")
 
 
-def uses_teacher_actors(plan: StagePlan) -> bool:
-    """Whether this stage runs its teacher on a pool of teacher actors."""
-    from kd_cluster.methods import method_needs
+def ray_placement(plan: StagePlan) -> Any:
+    """The Ray half of the stage's teacher placement (starting its pools), or None when it needs none."""
+    if plan.teacher is None:
+        return None
+    from kd_cluster.cluster.teacher_pool import RAY_PLACEMENTS
 
-    spec = plan.spec
-    return (spec.teacher is not None and spec.teacher.placement == "actors" and plan.teacher_arch is not None
-            and method_needs(spec.method.name, spec.method.params()).teacher)
+    return RAY_PLACEMENTS.get(plan.teacher.placement)
 
 
 def fit_stage_ray(plan: StagePlan) -> None:
     """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU).
 
-    With ``teacher.placement: actors`` the teacher actors are started (each loads the teacher) before the
-    workers, handed to them in the loop config, and stopped when the stage ends."""
-    handles: list[Any] = []
-    if uses_teacher_actors(plan):
-        from kd_cluster.cluster.teacher_pool import start_teacher_pool, stop_teacher_pool
-
-        handles = start_teacher_pool(plan)
+    A teacher placement with a Ray half (``actors``) has its pools started first (each actor loads its
+    teacher), handed to the workers in the loop config, and stopped when the stage ends."""
+    placement = ray_placement(plan)
+    pools: dict[str, list[Any]] = {}
+    if placement is not None:
+        pools = placement.start(plan.run, plan.stage, plan.teacher)
     try:
-        _fit(plan, handles)
+        _fit(plan, pools)
     finally:
-        if handles:
-            stop_teacher_pool(handles)
+        if placement is not None:
+            placement.stop(pools)
 
 
-def _fit(plan: StagePlan, teacher_pool: list[Any]) -> None:
+def _fit(plan: StagePlan, teacher_pools: dict[str, list[Any]]) -> None:
     from ray.train import (FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
                            TrainingFailedError)
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -109,7 +106,7 @@ def _fit(plan: StagePlan, teacher_pool: list[Any]) -> None:
     path, fs = _storage_for_ray(root, spec.storage.endpoint_url)
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"plan": plan, "teacher_pool": teacher_pool},
+        train_loop_config={"plan": plan, "teacher_pools": teacher_pools},
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
@@ -171,8 +168,9 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
             on_stage(plan)
         if use_ray:
             need = math.ceil(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker)
-            if uses_teacher_actors(plan):
-                need += math.ceil(plan.spec.teacher.replicas * plan.spec.teacher.num_cpus)
+            placement = ray_placement(plan)
+            if placement is not None:
+                need += placement.cpus(plan.teacher)
             ensure_ray(address, max(need, os.cpu_count() or 1))
             fit_stage_ray(plan)
         else:

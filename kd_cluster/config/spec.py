@@ -32,13 +32,46 @@ class ModelSpec(Strict):
                                 "or 'stage:<name>' for the model a previous stage of this job trained.")
 
 
-class TeacherSpec(ModelSpec):
-    """The frozen teacher."""
+class TeacherMember(Strict):
+    """One network of a teacher ensemble."""
 
+    name: str | None = Field(None, description="The member's name in metrics, in 'features_from' and in a stage's "
+                             "'member'; default: its arch.")
+    arch: str = Field(description="Model name, as for a single teacher.")
+    weights: str | None = Field(None, description="Weights URI, or 'stage:<name>' for the model a previous stage "
+                                "trained (e.g. a stage with trains: teacher and member: <this member>).")
+    weight: float = Field(1.0, gt=0, description="Relative weight of this member's probabilities in the average.")
+    replicas: int | None = Field(None, ge=1, description="Teacher actors for this member (placement: actors); "
+                                 "default: teacher.replicas.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor of this member; default: teacher.num_gpus.")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs per actor of this member; default: teacher.num_cpus.")
+    resource: str | None = Field(None, description="Custom Ray resource per actor of this member; default: "
+                                 "teacher.resource.")
+
+    @property
+    def key(self) -> str:
+        """The member's name (its arch when unnamed)."""
+        return self.name or self.arch
+
+
+class TeacherSpec(Strict):
+    """The frozen teacher: one network (``arch``, ``weights``) or an ensemble (``members``)."""
+
+    arch: str | None = Field(None, description="Model name: a small CNN (cnn_xs, cnn_s, cnn_m, cnn_l), a "
+                             "torchvision classifier (resnet18, resnet50, ...) or a timm model as 'timm:<name>'. "
+                             "Give arch, or members for an ensemble.")
+    weights: str | None = Field(None, description="Weights to load: a local path or any fsspec URL "
+                                "(.safetensors, or a torch state dict loaded with weights_only=True), "
+                                "or 'stage:<name>' for the model a previous stage of this job trained.")
+    members: list[TeacherMember] = Field(default_factory=list, description="An ensemble: several networks whose "
+                                         "predictions are averaged in probability space (weighted by 'weight').")
+    features_from: str | None = Field(None, description="Ensembles: the member whose feature taps feature-based "
+                                      "methods get (logit terms use the ensemble).")
     placement: Literal["colocated", "actors"] = Field(
         "colocated", description="Where the teacher runs. 'colocated': on each training worker's device. "
-        "'actors': on a pool of teacher-inference actors the driver starts before the training workers; "
-        "workers send uint8 crops plus mixup parameters and get back the outputs the method needs.")
+        "'actors': on a pool of teacher-inference actors the driver starts before the training workers (one "
+        "pool per ensemble member); workers send uint8 crops plus mixup parameters and get back the outputs "
+        "the method needs.")
     replicas: int = Field(1, ge=1, description="Teacher actors in the pool (placement: actors).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per teacher actor (placement: actors).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per teacher actor (placement: actors).")
@@ -52,6 +85,24 @@ class TeacherSpec(ModelSpec):
     request_timeout_s: float = Field(120.0, gt=0, description="A request not answered in this time is retried "
                                      "on another replica.")
     max_retries: int = Field(5, ge=0, description="Retries of one request before the step fails.")
+
+    @model_validator(mode="after")
+    def _one_or_members(self) -> "TeacherSpec":
+        if self.members:
+            if self.arch is not None or self.weights is not None:
+                raise ValueError("give either arch/weights (one teacher) or members (an ensemble), not both")
+            names = [m.key for m in self.members]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"members: duplicate member names {dup} (name members of the same arch)")
+            if self.features_from is not None and self.features_from not in names:
+                raise ValueError(f"features_from: {self.features_from!r} is not a member; members: {names}")
+        else:
+            if self.arch is None:
+                raise ValueError("give arch (one teacher) or members (an ensemble)")
+            if self.features_from is not None:
+                raise ValueError("features_from names an ensemble member; this teacher has no members")
+        return self
 
 
 class MethodSpec(BaseModel):
@@ -237,6 +288,8 @@ class StageSpec(Strict):
     name: str = Field(description="Stage name; its artifact is referenced as 'stage:<name>'.")
     trains: Literal["student", "teacher"] = Field("student", description="Which model this stage trains. "
                                                   "'teacher' trains the teacher spec from scratch (or its weights).")
+    member: str | None = Field(None, description="With trains: teacher and an ensemble teacher: the member this "
+                               "stage trains.")
     set: dict[str, Any] = Field(default_factory=dict, description="Section overrides for this stage, "
                                 "e.g. {method: {name: supervised}, schedule: {steps: 300}}.")
 

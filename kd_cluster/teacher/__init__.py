@@ -1,46 +1,42 @@
-"""Runs a frozen teacher on a batch and returns what the method asked for. Pure torch."""
+"""Frozen teachers behind one seam: the loop holds a :class:`Teacher` and never asks where it runs.
+
+Placements (:data:`PLACEMENTS`, ``teacher.placement`` in a job): ``colocated`` (on each training worker's
+device) and ``actors`` (a pool of teacher-inference servers; Ray actors started by the driver, or one
+in-process server without Ray). A teacher with several ``members`` is an :class:`EnsembleTeacher` whose
+members the stage's placement builds. Adding a placement: one module here with a builder
+``(TeacherPlan, TeacherContext, MemberPlan) -> Teacher`` and one line in :data:`PLACEMENTS` (a Ray-backed one
+also registers how the driver starts its pools, in ``kd_cluster.cluster.teacher_pool``). Pure torch.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable
 
-import torch
-from torch import nn
+from kd_cluster.teacher.base import (MemberPlan, StepInput, Teacher, TeacherContext, TeacherEval, TeacherOutputs,
+                                     TeacherPlan, TeacherView, teacher_input)
+from kd_cluster.teacher.colocated import ColocatedTeacher, build_colocated
+from kd_cluster.teacher.ensemble import EnsembleTeacher
+from kd_cluster.teacher.remote import build_actors
 
+TeacherBuilder = Callable[[TeacherPlan, TeacherContext, MemberPlan], Teacher]
 
-class ColocatedTeacher:
-    """A frozen teacher on the training worker's own device: eval mode, no grad, optional autocast.
-
-    With ``taps`` the model is wrapped in :class:`~kd_cluster.models.TappedModel` and ``__call__``
-    returns the named features the method asked for along with the logits.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, taps: Sequence[str] = ()) -> None:
-        if taps:
-            from kd_cluster.models import TappedModel
-
-            model = TappedModel(model, taps)
-        model.eval().requires_grad_(False)
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        self.device = device
-        self.amp_dtype = amp_dtype
-        self.taps = tuple(taps)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(logits, {tap: feature}) for an already normalised (and possibly mixed) batch, in float32."""
-        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with ctx:
-            out = self.model(x)
-        logits, feats = out if isinstance(out, tuple) else (out, {})
-        return logits.float(), {k: v.float() for k, v in feats.items()}
-
-    def logits(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher logits only (``raw``, the uint8 batch, is what a remote teacher sends instead of ``x``)."""
-        return self(x)[0]
+PLACEMENTS: dict[str, TeacherBuilder] = {
+    "colocated": build_colocated,
+    "actors": build_actors,
+}
+"""``teacher.placement`` -> the builder of one member's :class:`Teacher` on a training worker."""
 
 
-__all__ = ["ColocatedTeacher"]
+def build_teacher(plan: TeacherPlan, ctx: TeacherContext) -> Teacher:
+    """The stage's teacher on this worker: its one member, or the ensemble of its members."""
+    build = PLACEMENTS[plan.placement]
+    if not plan.is_ensemble:
+        return build(plan, ctx, plan.members[0])
+    members = {m.name: build(plan, ctx, m) for m in plan.members}
+    features_from = next((m.name for m in plan.members if m.taps), None)
+    return EnsembleTeacher(members, {m.name: m.weight for m in plan.members}, features_from, ctx.device)
+
+
+__all__ = ["PLACEMENTS", "ColocatedTeacher", "EnsembleTeacher", "MemberPlan", "StepInput", "Teacher", "TeacherBuilder",
+           "TeacherContext", "TeacherEval", "TeacherOutputs", "TeacherPlan", "TeacherView", "build_teacher",
+           "teacher_input"]

@@ -96,8 +96,8 @@ class _Student:
 
 def _as_worker(b: BenchSetup) -> None:
     """This process as a training worker or teacher actor runs: ``b.threads`` torch threads, freed activation
-    memory kept (:func:`~kd_cluster.train.memory.keep_freed_memory`), with Ray or without."""
-    from kd_cluster.train.memory import keep_freed_memory
+    memory kept (:func:`~kd_cluster.models.keep_freed_memory`), with Ray or without."""
+    from kd_cluster.models import keep_freed_memory
 
     keep_freed_memory()
     torch.set_num_threads(b.threads)

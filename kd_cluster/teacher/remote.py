@@ -10,7 +10,9 @@
   current step trains, spreads them over the replicas, bounds what is in flight, and retries a request whose
   replica failed on another one. :class:`LocalPool` is an in-process pool (one thread per server).
 
-``kd_cluster.cluster.teacher_pool`` provides the Ray pool (one actor per replica).
+This is placement ``actors`` (:func:`build_actors`): the pool is the driver's Ray actors
+(``kd_cluster.cluster.teacher_pool``, one actor per replica), or without a driver pool one server in the
+training process behind a thread.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import torch
 from torch import nn
 
 from kd_cluster.data import mixup
-from kd_cluster.teacher import ColocatedTeacher
+from kd_cluster.models import Normalizer
+from kd_cluster.teacher.base import (Batch, MemberPlan, StepInput, Teacher, TeacherContext, TeacherEval,
+                                     TeacherOutputs, TeacherPlan)
+from kd_cluster.teacher.colocated import ColocatedTeacher
 
 REQUEST_OVERHEAD_BYTES = 64  # the scalars of a request/reply (lam, step, flags, ids), a generous bound
 
@@ -110,21 +115,12 @@ class ServerConfig:
     channels_last: bool = True
 
 
-def server_config(plan: Any) -> ServerConfig:
-    """The teacher server config of a stage plan (``kd_cluster.train.StagePlan``)."""
-    from kd_cluster.methods import method_needs
-    from kd_cluster.train.loop import default_normalization
-
-    spec = plan.spec
-    params = spec.method.params()
-    needs = method_needs(spec.method.name, params)
-    mean, std = ((spec.data.normalize.mean, spec.data.normalize.std) if spec.data.normalize
-                 else default_normalization(plan.channels))
-    return ServerConfig(arch=plan.teacher_arch, num_classes=plan.num_classes, channels=plan.channels,
-                        weights=plan.teacher_weights, endpoint_url=spec.storage.endpoint_url,
-                        taps=tuple(needs.teacher_features), mean=list(mean), std=list(std),
-                        method_name=spec.method.name, method_params=params, amp=spec.resources.amp,
-                        channels_last=spec.resources.channels_last)
+def server_config(plan: TeacherPlan, member: MemberPlan) -> ServerConfig:
+    """The server config of one member of a stage's teacher."""
+    return ServerConfig(arch=member.arch, num_classes=plan.num_classes, channels=plan.channels,
+                        weights=member.weights, endpoint_url=plan.endpoint_url, taps=member.taps,
+                        mean=list(plan.mean), std=list(plan.std), method_name=plan.method_name,
+                        method_params=dict(plan.method_params), amp=plan.amp, channels_last=plan.channels_last)
 
 
 def build_server(cfg: ServerConfig, device: torch.device | None = None, model: nn.Module | None = None) -> TeacherServer:
@@ -132,7 +128,6 @@ def build_server(cfg: ServerConfig, device: torch.device | None = None, model: n
     from kd_cluster.methods import Method, build_method
     from kd_cluster.models import build_model, load_weights
     from kd_cluster.storage import storage_options
-    from kd_cluster.train.loop import Normalizer
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,19 +220,24 @@ class _Pending:
                 {k: v.to(dev, non_blocking=True).float() for k, v in reply.features.items()})
 
 
-class RemoteTeacher:
+class RemoteTeacher(Teacher):
     """A training worker's teacher over a pool: pipelined requests, back-pressure, retries, metrics.
 
-    Used like :class:`ColocatedTeacher` for the probe (``teacher(x)``) and evaluation (``logits(x, raw=...)``);
-    for training, :meth:`feed` wraps the batch iterator and attaches each batch's pending outputs.
+    For training, :meth:`feed` wraps the batch iterator and attaches each batch's pending outputs under
+    ``key``; :meth:`step` waits for them. The probe and evaluation send one request each and wait.
+    ``keep_view``: leave the batch's second view in the batch (an ensemble's other members still need it).
     """
 
+    reads_views = False
+
     def __init__(self, pool: TeacherPool, device: torch.device, *, prefetch: int = 1, max_in_flight: int = 4,
-                 timeout_s: float = 120.0, max_retries: int = 5, rank: int = 0, teacher_view: str = "same") -> None:
+                 timeout_s: float = 120.0, max_retries: int = 5, rank: int = 0, teacher_view: str = "same",
+                 key: str = "teacher_out", keep_view: bool = False) -> None:
         self.pool, self.device = pool, device
         self.depth = min(prefetch, max_in_flight - 1) + 1  # the current step plus the ones ahead
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.teacher_view = teacher_view
+        self.key, self.keep_view = key, keep_view
         self._outstanding = [0] * pool.size
         self._rr = rank % max(pool.size, 1)  # workers start on different replicas
         self._lock = threading.Lock()
@@ -278,29 +278,19 @@ class RemoteTeacher:
         self._depths.append(sum(self._outstanding) + 1)
         return _Pending(self, req)
 
-    def feed(self, batches: Iterator[dict[str, Any]], lam_of_step: Callable[[int], float]) -> Iterator[dict[str, Any]]:
-        """Yield the batches in order, each with ``batch["teacher_out"]`` (pending outputs); the requests of
+    def feed(self, batches: Iterator[Batch], lam_of_step: Callable[[int], float]) -> Iterator[Batch]:
+        """Yield the batches in order, each with ``batch[key]`` (pending outputs); the requests of
         the next ``depth - 1`` batches are already in flight when a batch is yielded."""
-        queue: deque[dict[str, Any]] = deque()
-        exhausted = False
-        while True:
-            while not exhausted and len(queue) < self.depth:
-                try:
-                    b = next(batches)
-                except StopIteration:
-                    exhausted = True
-                    break
-                lam = lam_of_step(int(b["step"]))
-                if "image_t" in b:  # another view: mixed only when the method asked for an independent one
-                    img = b.pop("image_t")
-                    mix = self.teacher_view == "independent"
-                else:
-                    img, mix = b["image"], True
-                b["teacher_out"] = self.request(TeacherRequest(img, lam if mix else 1.0, True, int(b["step"])))
-                queue.append(b)
-            if not queue:
-                return
-            yield queue.popleft()
+        return prefetched(batches, self.depth, lambda b: self.attach(b, lam_of_step(int(b["step"]))))
+
+    def attach(self, b: Batch, lam: float) -> None:
+        """Send the request of batch ``b`` and attach its pending outputs under ``key``."""
+        if "image_t" in b:  # another view: mixed only when the method asked for an independent one
+            img = b["image_t"] if self.keep_view else b.pop("image_t")
+            mix = self.teacher_view == "independent"
+        else:
+            img, mix = b["image"], True
+        b[self.key] = self.request(TeacherRequest(img, lam if mix else 1.0, True, int(b["step"])))
 
     def outputs(self, pending: _Pending) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Wait for a batch's outputs (time spent waiting is the ``teacher/wait_s_per_step`` metric)."""
@@ -310,17 +300,20 @@ class RemoteTeacher:
         self._steps += 1
         return out
 
+    def step(self, inp: StepInput) -> TeacherOutputs:
+        return self.outputs(inp.batch[self.key])
+
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def probe(self, x: torch.Tensor) -> TeacherOutputs:
         """Outputs for a batch of this shape (the setup probe: shapes only; the content is zeros)."""
         img = torch.zeros(x.shape, dtype=torch.uint8)
         return self.request(TeacherRequest(img, 1.0, False)).result()
 
-    def logits(self, x: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the uint8 batch ``raw`` (evaluation: no mixup, no expansion)."""
-        if raw is None:
-            raise ValueError("RemoteTeacher.logits needs the uint8 batch (raw=...); it never sends float pixels")
-        return self.request(TeacherRequest(raw.cpu(), 1.0, False)).result()[0]
+    __call__ = probe
+
+    def evaluate(self, x: torch.Tensor, raw: torch.Tensor) -> TeacherEval:
+        """Logits of the uint8 batch ``raw`` (no mixup, no expansion; float pixels are never sent)."""
+        return TeacherEval(self.request(TeacherRequest(raw.cpu(), 1.0, False)).result()[0])
 
     def metrics(self) -> dict[str, float]:
         """This window's teacher metrics (and the run's restarts and retries so far); resets the window."""
@@ -344,6 +337,36 @@ class RemoteTeacher:
         self.pool.close()
 
 
+def prefetched(batches: Iterator[Batch], depth: int, attach: Callable[[Batch], None]) -> Iterator[Batch]:
+    """Yield ``batches`` in order after ``attach`` ran on each, ``depth - 1`` batches ahead of the one yielded."""
+    queue: deque[Batch] = deque()
+    exhausted = False
+    while True:
+        while not exhausted and len(queue) < depth:
+            try:
+                b = next(batches)
+            except StopIteration:
+                exhausted = True
+                break
+            attach(b)
+            queue.append(b)
+        if not queue:
+            return
+        yield queue.popleft()
+
+
+def build_actors(plan: TeacherPlan, ctx: TeacherContext, member: MemberPlan) -> Teacher:
+    """The builder of ``placement: actors``: a client of the member's pool (the driver's teacher actors), or of
+    one server in this process when no pool was started (``--no-ray``)."""
+    pool = (ctx.pools or {}).get(member.name)
+    if pool is None:
+        pool = LocalPool([build_server(server_config(plan, member), ctx.device)])
+    return RemoteTeacher(pool, ctx.device, prefetch=plan.prefetch, max_in_flight=plan.max_in_flight,
+                         timeout_s=plan.request_timeout_s, max_retries=plan.max_retries, rank=ctx.rank,
+                         teacher_view=plan.view, key=f"teacher_out/{member.name}" if plan.is_ensemble else "teacher_out",
+                         keep_view=plan.is_ensemble)
+
+
 def _pct(sorted_vals: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100 * len(sorted_vals)) - 1))
@@ -351,4 +374,4 @@ def _pct(sorted_vals: list[float], q: float) -> float:
 
 
 __all__ = ["LocalPool", "RemoteTeacher", "ServerConfig", "TeacherPool", "TeacherReply", "TeacherRequest",
-           "TeacherServer", "TeacherUnavailable", "build_server", "server_config"]
+           "TeacherServer", "TeacherUnavailable", "build_actors", "build_server", "prefetched", "server_config"]

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
+from kd_cluster.config.spec import ModelSpec, TeacherSpec
 from kd_cluster.data import DataError, Manifest, load_manifest
 from kd_cluster.methods import MethodError, Needs, method_needs
-from kd_cluster.models import ModelError, check_model_name, check_taps
+from kd_cluster.models import ModelError, check_model_name, check_taps, default_normalization
 from kd_cluster.storage import absolute, describe_store_error, is_remote, join, storage_options, store_errors
+from kd_cluster.teacher import MemberPlan, TeacherPlan
 
 STAGE_REF = "stage:"
 METHOD_ARTIFACT = "method.safetensors"
@@ -31,8 +33,10 @@ class StagePlan:
     trains: str
     arch: str
     weights: str | None
-    teacher_arch: str | None
-    teacher_weights: str | None
+    needs: Needs
+    """What the stage's method needs from the loop, computed once here."""
+    teacher: TeacherPlan | None
+    """The stage's frozen teacher (None when the method needs none)."""
     total_steps: int
     step_offset: int
     num_classes: int
@@ -42,6 +46,11 @@ class StagePlan:
     stage_url: str
     method_init: str | None = None
     """Weights for the method's own modules (``method.init``), resolved to an absolute URI."""
+
+    @property
+    def teacher_arch(self) -> str | None:
+        """The teacher's model name (ensembles: the members' names joined by '+'), for display."""
+        return "+".join(m.arch for m in self.teacher.members) if self.teacher else None
 
     @property
     def artifact_url(self) -> str:
@@ -86,6 +95,125 @@ def _resolve_weights(weights: str | None, field: str, earlier: list[str], root: 
     return join(root, ref, artifact)
 
 
+def _trained_model(eff: JobSpec, trains: str, member: str | None, at: str,
+                   problems: list[str]) -> ModelSpec | None:
+    """The model a stage trains: the student, the teacher, or one member of an ensemble teacher."""
+    if trains == "student":
+        if member is not None:
+            problems.append(f"{at}member: only a stage with trains: teacher trains an ensemble member")
+        return eff.student
+    t = eff.teacher
+    if t is None:
+        problems.append(f"{at}stage trains the teacher but the job has no 'teacher' section")
+        return None
+    if not t.members:
+        if member is not None:
+            problems.append(f"{at}member: {member!r} names an ensemble member, but the teacher has no members")
+        return ModelSpec(arch=t.arch, weights=t.weights)
+    names = [m.key for m in t.members]
+    if member not in names:
+        problems.append(f"{at}member: a stage that trains an ensemble teacher names the member it trains "
+                        f"(one of {names}), got {member!r}")
+        return None
+    m = t.members[names.index(member)]
+    return ModelSpec(arch=m.arch, weights=m.weights)
+
+
+def _archs(eff: JobSpec) -> list[tuple[str, str]]:
+    """(field, model name) of every network the stage's spec names."""
+    out = [("student", eff.student.arch)]
+    if eff.teacher is not None:
+        out += ([(f"teacher.members[{j}]", m.arch) for j, m in enumerate(eff.teacher.members)]
+                if eff.teacher.members else [("teacher", eff.teacher.arch)])
+    return out
+
+
+def _check_taps(eff: JobSpec, needs: Needs, at: str, problems: list[str]) -> None:
+    """Feature taps exist in the networks they are read from (an ensemble's: its features_from member)."""
+    checks = [("student", eff.student.arch, needs.student_features)]
+    t = eff.teacher
+    if t is not None and needs.teacher_features:
+        if t.members and t.features_from is None:
+            problems.append(f"{at}method {eff.method.name!r} reads teacher features: with an ensemble teacher, set "
+                            f"teacher.features_from to the member whose features it gets (one of "
+                            f"{[m.key for m in t.members]})")
+        elif t.members:
+            checks.append((f"teacher member {t.features_from!r}",
+                           next(m.arch for m in t.members if m.key == t.features_from), needs.teacher_features))
+        else:
+            checks.append(("teacher", t.arch, needs.teacher_features))
+    for field, arch, taps in checks:
+        if not taps:
+            continue
+        try:
+            check_model_name(arch)
+        except ModelError:
+            continue  # reported with the model names
+        try:
+            check_taps(arch, taps)
+        except ModelError as exc:
+            problems.append(f"{at}method {eff.method.name!r}: {field} feature taps: {exc}")
+
+
+def _members(t: TeacherSpec, needs: Needs, at: str, earlier: list[str], root: str,
+             problems: list[str]) -> list[MemberPlan]:
+    """The teacher's networks with resolved weights and the taps each serves."""
+    specs = t.members or [None]
+    out = []
+    for j, m in enumerate(specs):
+        arch, weights = (m.arch, m.weights) if m is not None else (t.arch, t.weights)
+        field = f"teacher.members[{j}].weights" if m is not None else "teacher.weights"
+        if weights is None:
+            problems.append(f"{at}{field}: a frozen teacher needs weights (a URI, or 'stage:<name>' "
+                            "of a stage that trains it)")
+        resolved = _resolve_weights(weights, f"{at}{field}", earlier, root, problems)
+        name = m.key if m is not None else "teacher"
+        taps = tuple(needs.teacher_features) if (m is None or name == t.features_from) else ()
+        out.append(MemberPlan(
+            name=name, arch=arch, weights=resolved, weight=m.weight if m is not None else 1.0, taps=taps,
+            replicas=(m.replicas if m is not None and m.replicas is not None else t.replicas),
+            num_gpus=(m.num_gpus if m is not None and m.num_gpus is not None else t.num_gpus),
+            num_cpus=(m.num_cpus if m is not None and m.num_cpus is not None else t.num_cpus),
+            resource=(m.resource if m is not None and m.resource is not None else t.resource)))
+    return out
+
+
+def _teacher_plan(eff: JobSpec, needs: Needs, members: list[MemberPlan], num_classes: int,
+                  channels: int) -> TeacherPlan:
+    t = eff.teacher
+    assert t is not None
+    norm = eff.data.normalize
+    mean, std = (norm.mean, norm.std) if norm else default_normalization(channels)
+    return TeacherPlan(
+        placement=t.placement, members=tuple(members), view=needs.teacher_view, num_classes=num_classes,
+        channels=channels, mean=tuple(mean), std=tuple(std), endpoint_url=eff.storage.endpoint_url,
+        method_name=eff.method.name, method_params=eff.method.params(), amp=eff.resources.amp,
+        channels_last=eff.resources.channels_last, prefetch=t.prefetch, max_in_flight=t.max_in_flight,
+        request_timeout_s=t.request_timeout_s, max_retries=t.max_retries, max_restarts=t.max_restarts)
+
+
+def _stage_data(eff: JobSpec, at: str, check_data: str, problems: list[str],
+                opened: dict[tuple[str, str | None], Manifest | None]) -> tuple[Manifest | None, Manifest | None, int]:
+    """The stage's train and val manifests (when opened) and its step count."""
+    train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems, opened)
+    val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems, opened)
+             if eff.data.val else None)
+    if train_m is not None:
+        splits = eff.resources.num_workers * max(1, eff.data.loader_workers)
+        if len(train_m.shards) < splits:
+            problems.append(f"{at}data.train: {len(train_m.shards)} shards cannot feed {splits} streams "
+                            f"(resources.num_workers x data.loader_workers); write at least {splits} shards")
+        if val_m is not None and val_m.classes != train_m.classes:
+            problems.append(f"{at}data.val: its classes differ from data.train's")
+    if eff.schedule.steps is not None:
+        total = eff.schedule.steps
+    elif train_m is not None:
+        total = max(1, math.ceil(eff.schedule.epochs * train_m.num_samples / eff.data.batch_size))
+    else:
+        total = 0  # epochs of data not opened: known at run time
+    return train_m, val_m, total
+
+
 def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "all"] = "all") -> list[StagePlan]:
     """Check a job against the registries and its data; return one plan per stage."""
     problems: list[str] = []
@@ -101,17 +229,12 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         eff = eff.model_copy(update={"telemetry": eff.telemetry.model_copy(
             update={"wandb_dir": absolute(eff.telemetry.wandb_dir)})})
         at = f"stages[{i}] ({stage.name}): " if spec.stages else ""
-        trained = eff.teacher if stage.trains == "teacher" else eff.student
+        trained = _trained_model(eff, stage.trains, stage.member, at, problems)
         if trained is None:
-            problems.append(f"{at}stage trains the teacher but the job has no 'teacher' section")
             continue
-        known_arch = {}
-        for field, model in (("student", eff.student), ("teacher", eff.teacher)):
-            if model is None:
-                continue
+        for field, arch in _archs(eff):
             try:
-                check_model_name(model.arch)
-                known_arch[field] = model.arch
+                check_model_name(arch)
             except ModelError as exc:
                 problems.append(f"{at}{field}.arch: {exc}")
         needs: Needs | None
@@ -120,25 +243,16 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         except MethodError as exc:
             problems.append(f"{at}{exc}")
             needs = None
+        teacher_needed = needs is not None and needs.teacher and stage.trains == "student"
         if needs is not None and stage.trains == "student":
-            for field, taps in (("student", needs.student_features), ("teacher", needs.teacher_features)):
-                if taps and field in known_arch:
-                    try:
-                        check_taps(known_arch[field], taps)
-                    except ModelError as exc:
-                        problems.append(f"{at}method {eff.method.name!r}: {field} feature taps: {exc}")
+            _check_taps(eff, needs, at, problems)
         if needs is not None and needs.teacher and stage.trains == "teacher":
             problems.append(f"{at}method {eff.method.name!r} needs a teacher, but this stage trains the teacher; "
                             "use a method without one (e.g. supervised)")
         if needs is not None and needs.teacher and eff.teacher is None:
             problems.append(f"{at}method {eff.method.name!r} needs a teacher: add a 'teacher' section")
-
-        teacher_needed = needs is not None and needs.teacher and stage.trains == "student"
-        teacher_weights = (_resolve_weights(eff.teacher.weights, f"{at}teacher.weights", list(trained_by), root, problems)
-                           if teacher_needed and eff.teacher else None)
-        if teacher_needed and eff.teacher is not None and eff.teacher.weights is None:
-            problems.append(f"{at}teacher.weights: a frozen teacher needs weights (a URI, or 'stage:<name>' "
-                            "of a stage that trains it)")
+        members = (_members(eff.teacher, needs, at, list(trained_by), root, problems)
+                   if teacher_needed and eff.teacher is not None and needs is not None else None)
         own_output = trained.weights == f"{STAGE_REF}{stage.name}"  # the model this stage produces: start fresh
         weights = None if own_output else _resolve_weights(
             trained.weights, f"{at}{stage.trains}.weights", list(trained_by), root, problems)
@@ -147,33 +261,22 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         method_init = (_resolve_weights(init, f"{at}method.init", list(trained_by), root, problems, METHOD_ARTIFACT)
                        if isinstance(init, str) else None)
 
-        train_m = _manifest(eff.data.train, eff.data.endpoint_url, f"{at}data.train", check_data, problems, opened)
-        val_m = (_manifest(eff.data.val, eff.data.endpoint_url, f"{at}data.val", check_data, problems, opened)
-                 if eff.data.val else None)
-        if train_m is not None:
-            splits = eff.resources.num_workers * max(1, eff.data.loader_workers)
-            if len(train_m.shards) < splits:
-                problems.append(f"{at}data.train: {len(train_m.shards)} shards cannot feed {splits} streams "
-                                f"(resources.num_workers x data.loader_workers); write at least {splits} shards")
-            if val_m is not None and val_m.classes != train_m.classes:
-                problems.append(f"{at}data.val: its classes differ from data.train's")
-        if eff.schedule.steps is not None:
-            total = eff.schedule.steps
-        elif train_m is not None:
-            total = max(1, math.ceil(eff.schedule.epochs * train_m.num_samples / eff.data.batch_size))
-        else:
-            total = 0  # epochs of data not opened: known at run time
+        train_m, val_m, total = _stage_data(eff, at, check_data, problems, opened)
+        num_classes = train_m.num_classes if train_m else 0
+        channels = train_m.channels if train_m else 0
+        trained_by[stage.name] = stage.trains
+        if needs is None:
+            continue  # reported above
         plans.append(StagePlan(
             run=spec.name, stage=stage.name, spec=eff, trains=stage.trains, arch=trained.arch,
-            weights=weights, teacher_arch=eff.teacher.arch if teacher_needed and eff.teacher else None,
-            teacher_weights=teacher_weights, total_steps=total, step_offset=offset,
-            num_classes=train_m.num_classes if train_m else 0, channels=train_m.channels if train_m else 0,
+            weights=weights, needs=needs,
+            teacher=_teacher_plan(eff, needs, members, num_classes, channels) if members else None,
+            total_steps=total, step_offset=offset, num_classes=num_classes, channels=channels,
             # opened manifests are passed by their resolved URL (a builtin set is built on the driver)
             train_manifest=train_m.url if train_m else absolute(eff.data.train),
             val_manifest=(val_m.url if val_m else absolute(eff.data.val)) if eff.data.val else None,
             stage_url=join(root, stage.name), method_init=method_init,
         ))
-        trained_by[stage.name] = stage.trains
         offset += total
     if problems:
         raise SpecError(source, problems)

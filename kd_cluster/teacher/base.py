@@ -1,0 +1,179 @@
+"""The teacher seam: what the training loop asks of a frozen teacher, wherever the teacher runs.
+
+The loop holds one :class:`Teacher` and calls, in this order:
+
+1. ``probe(x)`` once, with a dummy batch, so the method can size its modules from the output shapes;
+2. ``feed(batches, lam_of_step)`` once, around the training batch iterator: a placement that computes
+   elsewhere sends each batch's request ahead here (pipelining), a colocated teacher passes batches through;
+3. ``step(inp)`` at every training step, with the step's batch, the student's input and how the method wants
+   the teacher to see the batch (:class:`TeacherView`); it returns the teacher's logits and feature taps;
+4. ``evaluate(x, raw)`` on validation batches (normalised ``x`` and the uint8 ``raw`` batch; a placement
+   that runs elsewhere sends ``raw``, never float pixels);
+5. ``metrics()`` at log steps (placement-specific figures; resets its window), ``close()`` when the stage ends.
+
+A placement is a :class:`Teacher` subclass plus a builder ``(TeacherPlan, TeacherContext) -> Teacher``
+registered in :data:`kd_cluster.teacher.PLACEMENTS`. Everything a builder may need is in the two arguments;
+the loop never asks where the teacher runs. Ray-backed placements keep their Ray half (starting actors) in
+``kd_cluster.cluster`` and receive the handles through ``TeacherContext.pools``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Batch = dict[str, Any]
+TeacherOutputs = tuple[torch.Tensor, dict[str, torch.Tensor]]
+"""(logits, {tap name: feature}) in float32 on the training device."""
+
+View = Literal["same", "center", "independent"]
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """How the method of the stage wants the teacher to see a training batch.
+
+    ``kind``: "same" (the very tensor the student sees, mixed and expanded), "center" (the batch's second
+    view, the un-augmented center crop, not mixed) or "independent" (the batch's second view, an independent
+    crop, mixed with the step's lambda). ``expand`` is the method's batch expansion, ``norm`` the device-side
+    normalisation of uint8 batches.
+    """
+
+    kind: View
+    expand: Callable[[torch.Tensor], torch.Tensor]
+    norm: nn.Module
+
+
+@dataclass
+class StepInput:
+    """One training step, as the teacher gets it."""
+
+    batch: Batch
+    """The loader's batch (uint8 ``image``, optional second view ``image_t``, ``step``)."""
+    x: torch.Tensor
+    """The student's input: normalised, mixed with ``lam``, expanded by the method."""
+    lam: float
+    view: TeacherView
+    device: torch.device
+
+
+@dataclass
+class TeacherEval:
+    """A teacher's logits on a validation batch; an ensemble adds each member's."""
+
+    logits: torch.Tensor
+    members: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """One frozen network of the teacher (a single teacher has one member)."""
+
+    name: str
+    arch: str
+    weights: str | None
+    """Absolute weights URI (``stage:`` references already resolved by the planner)."""
+    weight: float = 1.0
+    """Relative weight in an ensemble's probability average."""
+    taps: tuple[str, ...] = ()
+    """Feature taps the method gets from this member."""
+    replicas: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    resource: str | None = None
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """The teacher of one stage, resolved by the planner: the teacher's own part of the job (picklable)."""
+
+    placement: str
+    members: tuple[MemberPlan, ...]
+    view: View
+    num_classes: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    endpoint_url: str | None
+    method_name: str
+    """The stage's method, whose expansion a teacher running elsewhere applies itself."""
+    method_params: dict[str, Any] = field(default_factory=dict)
+    amp: bool = True
+    channels_last: bool = False
+    prefetch: int = 1
+    max_in_flight: int = 4
+    request_timeout_s: float = 120.0
+    max_retries: int = 5
+    max_restarts: int = 3
+
+    @property
+    def is_ensemble(self) -> bool:
+        """Whether the teacher averages several members."""
+        return len(self.members) > 1
+
+
+@dataclass
+class TeacherContext:
+    """What the training worker gives a placement's builder."""
+
+    device: torch.device
+    rank: int
+    amp: torch.dtype | None
+    """Autocast dtype on this device (None: full precision)."""
+    channels_last: bool
+    expand: Callable[[torch.Tensor], torch.Tensor]
+    """The stage method's expansion."""
+    pools: dict[str, Any] | None = None
+    """Per member name, the pool of servers a driver started for this stage (Ray actors); None: none started."""
+
+
+class Teacher:
+    """Base of every placement. Subclasses implement :meth:`step`, :meth:`probe` and :meth:`evaluate`."""
+
+    member_names: tuple[str, ...] = ()
+    """Ensembles: the members' names (their eval figures are logged per member)."""
+    reads_views: bool = True
+    """Whether :meth:`step` reads the batch's views on the training device (False: they were sent away)."""
+
+    def feed(self, batches: Iterator[Batch], lam_of_step: Callable[[int], float]) -> Iterator[Batch]:
+        """The training batches, in order, as this teacher needs them. Default: unchanged."""
+        return batches
+
+    def step(self, inp: StepInput) -> TeacherOutputs:  # pragma: no cover - abstract
+        """The teacher's logits and taps for one training step."""
+        raise NotImplementedError
+
+    def probe(self, x: torch.Tensor) -> TeacherOutputs:  # pragma: no cover - abstract
+        """Outputs for a dummy batch shaped like ``x`` (shapes only; no expansion is applied)."""
+        raise NotImplementedError
+
+    def evaluate(self, x: torch.Tensor, raw: torch.Tensor) -> TeacherEval:  # pragma: no cover - abstract
+        """Logits of a validation batch: ``x`` normalised on the device, ``raw`` the uint8 batch."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Figures of this log window (called at log steps on every rank); resets the window. Default: none."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the teacher holds (threads, in-process servers). Default: nothing."""
+
+
+def teacher_input(inp: StepInput) -> torch.Tensor:
+    """The tensor a teacher on the training device sees, for the method's view of the step."""
+    if inp.view.kind == "same":
+        return inp.x
+    from kd_cluster.data import mixup
+
+    xt = inp.view.norm(inp.batch["image_t"].to(inp.device, non_blocking=True))
+    if inp.view.kind == "independent" and inp.lam < 1.0:
+        xt = mixup(xt, inp.lam)
+    return inp.view.expand(xt)
+
+
+__all__ = ["Batch", "MemberPlan", "StepInput", "Teacher", "TeacherContext", "TeacherEval", "TeacherOutputs",
+           "TeacherPlan", "TeacherView", "View", "teacher_input"]
