@@ -130,6 +130,18 @@ def test_ensemble_job_file_rules(tiny_job: Any) -> None:
     assert plans[-1].teacher_arch == "cnn_s+cnn_m"
 
 
+def test_a_local_ray_instance_is_sized_for_the_largest_stage(tiny_job: Any) -> None:
+    """Ray cannot grow a started local instance: it must fit the job's largest stage, not its first one."""
+    from kd_cluster.cluster.driver import stage_cpus
+
+    job = tiny_job("sz", teacher={**ENSEMBLE, "placement": "actors", "num_cpus": 0.5,
+                                  "members": [{**ENSEMBLE["members"][0], "replicas": 3},
+                                              {**ENSEMBLE["members"][1], "num_cpus": 2}]}, stages=TEACHER_STAGES)
+    plans = plan_job(load_job(job), str(job), check_data="none")
+    # 2 workers x 1 CPU; + 3 replicas x 0.5 CPU (-> 2) + 1 replica x 2 CPUs for the distillation
+    assert [stage_cpus(p) for p in plans] == [2, 2, 6]
+
+
 def test_ensemble_job_trains_its_members_as_stages_then_distills(tiny_job: Any, tmp_path: Path) -> None:
     from kd_cluster.cluster import run_job
 

@@ -79,6 +79,13 @@ def ray_placement(plan: StagePlan) -> Any:
     return RAY_PLACEMENTS.get(plan.teacher.placement)
 
 
+def stage_cpus(plan: StagePlan) -> int:
+    """CPUs a stage takes on Ray: its training workers and its teacher's actor pools."""
+    need = math.ceil(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker)
+    placement = ray_placement(plan)
+    return need + (placement.cpus(plan.teacher) if placement is not None else 0)
+
+
 def fit_stage_ray(plan: StagePlan) -> None:
     """One stage as a Ray Train ``TorchTrainer`` run (DDP: gloo on CPU, NCCL on GPU).
 
@@ -167,11 +174,10 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
         if on_stage:
             on_stage(plan)
         if use_ray:
-            need = math.ceil(plan.spec.resources.num_workers * plan.spec.resources.cpus_per_worker)
-            placement = ray_placement(plan)
-            if placement is not None:
-                need += placement.cpus(plan.teacher)
-            ensure_ray(address, max(need, os.cpu_count() or 1))
+            # a local instance is sized once, for the largest stage still to run (a later stage with teacher
+            # actors needs more CPUs than a first, supervised one; Ray cannot grow a started instance)
+            pending = [p for p in plans if p.stage not in result.stages]
+            ensure_ray(address, max(max(stage_cpus(p) for p in pending), os.cpu_count() or 1))
             fit_stage_ray(plan)
         else:
             if plan.spec.resources.num_workers != 1:
@@ -188,4 +194,4 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
 
 
 __all__ = ["RESOLVED_SPEC", "JobResult", "StageFailed", "ensure_ray", "fit_stage_ray", "load_resolved_spec", "run_job",
-           "run_root", "save_resolved_spec"]
+           "run_root", "save_resolved_spec", "stage_cpus"]
