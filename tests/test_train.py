@@ -80,6 +80,38 @@ def test_train_step_reports_agreement_with_the_teacher_on_the_batch() -> None:
     assert same["train/teacher_agreement"].item() == 1.0
 
 
+def test_where_the_teacher_runs_does_not_change_the_run(tiny_job, tmp_path: Path) -> None:
+    """The same fitnet stage (a regressor initialised by the method) with the teacher on the worker and with a
+    pool the driver started beforehand (as Ray actors are) ends with identical weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kd_cluster.models import build_model, save_weights
+    from kd_cluster.teacher.remote import LocalPool, build_server, server_config
+    from kd_cluster.train import LocalSession, plan_job, run_stage
+
+    torch.manual_seed(7)
+    weights = str(tmp_path / "teacher.safetensors")
+    save_weights(build_model("cnn_s", num_classes=10, in_chans=1), weights)
+    out = {}
+    for placement in ("colocated", "actors"):
+        job = tiny_job(f"where-{placement}", resources={"num_workers": 1}, stages=[],
+                       teacher={"arch": "cnn_s", "weights": weights, "placement": placement},
+                       method={"name": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"},
+                       schedule={"steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 4})
+        (plan,) = plan_job(load_job(job), str(job))
+        pools = None
+        if placement == "actors":  # started before the stage, elsewhere: nothing of it is drawn in the stage
+            t = plan.teacher
+            pools = {"teacher": LocalPool([build_server(server_config(t, t.members[0]), torch.device("cpu"))])}
+        run_stage(plan, LocalSession(), teacher_pools=pools)
+        out[placement] = {f: load_file(str(tmp_path / "runs" / f"where-{placement}" / "main" / f))
+                          for f in ("model.safetensors", "method.safetensors")}
+    for f, tensors in out["colocated"].items():
+        assert tensors.keys() == out["actors"][f].keys()
+        assert all(torch.equal(v, out["actors"][f][k]) for k, v in tensors.items()), f
+
+
 def test_no_ray_stage_error_stops_its_loader_processes(tiny_job, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage that fails stops its loader processes at once, even while its traceback is still held."""
     import multiprocessing

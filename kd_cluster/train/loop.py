@@ -237,7 +237,10 @@ class StageRunner:
         if plan.teacher is not None:
             ctx = TeacherContext(device=device, rank=self.rank, amp=self.amp, channels_last=self.channels_last,
                                  expand=self.method.expand, pools=teacher_pools)
-            self.teacher = build_teacher(plan.teacher, ctx)
+            # the teacher's random init (then overwritten by its weights) must not shift what the student side
+            # draws next (a method's modules): otherwise their init would depend on where the teacher runs
+            with torch.random.fork_rng(devices=[]):
+                self.teacher = build_teacher(plan.teacher, ctx)
             self.cleanup.callback(self.teacher.close)
         model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.model = model
