@@ -8,7 +8,7 @@ Reading: :class:`TrainStream` + :func:`make_train_loader`, :class:`EvalStream`; 
 This package imports nothing from the rest of kd_cluster, and never ray or wandb.
 """
 
-from .augment import AugmentParams, mixup, mixup_lambda
+from .augment import AugmentParams, ViewParams, draw_views, image_size, mixup, mixup_lambda, render_views
 from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
@@ -22,18 +22,22 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "TrainStream",
+    "ViewParams",
     "build_imagefolder",
     "build_mnist5k",
     "build_torchvision",
     "builtin_names",
     "cache_dir",
     "close_loader",
+    "draw_views",
+    "image_size",
     "is_builtin",
     "load_manifest",
     "make_eval_loader",
     "make_train_loader",
     "mixup",
     "mixup_lambda",
+    "render_views",
     "start_workers",
     "write_split",
 ]

@@ -133,31 +133,48 @@ def _fast_jpeg_decode(data: bytes, mode: str, request: tuple[int, int] | None) -
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr, mode)
 
 
-def decode_views(
-    data: bytes,
-    views: Sequence[str],
-    params: AugmentParams,
-    seed_parts: tuple[int, ...],
-    out: Sequence[np.ndarray],
-) -> None:
-    """Decode an encoded image once and write each requested view into ``out[v]`` (uint8 ``[C, S, S]``).
+@dataclass(frozen=True)
+class ViewParams:
+    """Where one view comes from in the original image: a crop box in original pixels, and a horizontal flip."""
 
-    The random views draw from a generator seeded by ``(*seed_parts, view tag)``; "center" is
-    deterministic. Raises whatever PIL raises for an undecodable image.
+    box: Box
+    flip: bool = False
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header, without decoding its pixels."""
+    fast = _fast_jpeg_header(data)
+    if fast is not None:
+        return fast
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+def draw_views(width: int, height: int, views: Sequence[str], params: AugmentParams,
+               seed_parts: tuple[int, ...]) -> list[ViewParams]:
+    """The crop box and flip of each requested view of a ``width`` x ``height`` image.
+
+    The random views draw from a generator seeded by ``(*seed_parts, view tag)``; "center" is deterministic.
+    This is the one place where augmentation parameters are drawn, whoever decodes the image.
     """
+    out = []
+    for view in views:
+        if view == "center":
+            out.append(ViewParams(center_crop_box(width, height, params.image_size, params.eval_resize_ratio)))
+        else:
+            rng = seeded_rng(SeedTag.AUGMENT, *seed_parts, _VIEW_TAGS[view])
+            box = random_resized_crop_box(width, height, params.crop_scale, params.crop_ratio, rng)
+            out.append(ViewParams(box, bool(params.flip and rng.random() < 0.5)))
+    return out
+
+
+def render_views(data: bytes, views: Sequence[ViewParams], params: AugmentParams, out: Sequence[np.ndarray]) -> None:
+    """Decode an encoded image once and write each view (its box resized to ``image_size``, flipped when asked)
+    into ``out[v]`` (uint8 ``[C, S, S]``). Raises whatever PIL raises for an undecodable image."""
     fast = _fast_jpeg_header(data)
     img = None if fast is not None else Image.open(io.BytesIO(data))
     width, height = fast if fast is not None else img.size
-    boxes: list[Box] = []
-    flips: list[bool] = []
-    for view in views:
-        if view == "center":
-            boxes.append(center_crop_box(width, height, params.image_size, params.eval_resize_ratio))
-            flips.append(False)
-        else:
-            rng = seeded_rng(SeedTag.AUGMENT, *seed_parts, _VIEW_TAGS[view])
-            boxes.append(random_resized_crop_box(width, height, params.crop_scale, params.crop_ratio, rng))
-            flips.append(bool(params.flip and rng.random() < 0.5))
+    boxes = [v.box for v in views]
     mode = params.mode
     # Largest allowed reduction keeps >= image_size pixels across the smallest crop side of any view.
     reduction = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / params.image_size
@@ -176,14 +193,27 @@ def decode_views(
     if img.mode not in ("L", "RGB"):
         img = img.convert(mode)  # palette, alpha, CMYK, 16-bit: normalise before resampling
     size = (params.image_size, params.image_size)
-    for k, (box, flip) in enumerate(zip(boxes, flips, strict=True)):
+    for k, (box, view) in enumerate(zip(boxes, views, strict=True)):
         view_img = img.resize(size, Image.Resampling.BILINEAR, box=box)
         if view_img.mode != mode:
             view_img = view_img.convert(mode)
-        if flip:
+        if view.flip:
             view_img = view_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(view_img)
         out[k][...] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_views(
+    data: bytes,
+    views: Sequence[str],
+    params: AugmentParams,
+    seed_parts: tuple[int, ...],
+    out: Sequence[np.ndarray],
+) -> None:
+    """Decode an encoded image once and write each requested view into ``out[v]`` (uint8 ``[C, S, S]``):
+    :func:`draw_views` then :func:`render_views`. Raises whatever PIL raises for an undecodable image."""
+    width, height = image_size(data)
+    render_views(data, draw_views(width, height, views, params, seed_parts), params, out)
 
 
 def mixup_lambda(seed: int, step: int, alpha: float) -> float:
