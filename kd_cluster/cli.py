@@ -37,6 +37,10 @@ def cmd_validate(a: argparse.Namespace) -> int:
     for col in ("stage", "trains", "model", "method", "teacher", "steps", "batch", "workers"):
         t.add_column(col)
     for p in plans:
+        if p.labels is not None:  # stores the teacher's predictions, trains nothing
+            t.add_row(p.stage, "labels", "-", f"K={p.labels.views}, top-{p.labels.top_k}", p.teacher_arch or "-", "-",
+                      "-", str(p.labels.workers or "-"))
+            continue
         t.add_row(p.stage, p.trains, p.arch, p.spec.method.name, p.teacher_arch or "-",
                   str(p.total_steps or "epochs (data not opened)"), str(p.spec.data.batch_size),
                   str(p.spec.resources.num_workers))
@@ -50,10 +54,13 @@ def _print_job(result: Any) -> None:
         t.add_column(col)
     for name, m in result.stages.items():
         fm = m.get("final_metrics", {})
-        t.add_row(name, str(m.get("steps")), f"{fm.get('eval/student_top1', float('nan')):.4f}",
+        note = "already finished (skipped)" if name in result.skipped else ""
+        if "labels" in m:  # a stage that stored the teacher's predictions
+            note = f"labels: {m['labels']}" + (f" ({note})" if note else "")
+        t.add_row(name, str(m.get("steps")),
+                  f"{fm['eval/student_top1']:.4f}" if "eval/student_top1" in fm else "-",
                   f"{fm['eval/teacher_top1']:.4f}" if "eval/teacher_top1" in fm else "-",
-                  f"{m.get('images_per_s', 0):.0f}", f"{m.get('wall_s', 0):.1f}",
-                  "already finished (skipped)" if name in result.skipped else "")
+                  f"{m.get('images_per_s', 0):.0f}", f"{m.get('wall_s', 0):.1f}", note)
     console.print(t)
 
 
@@ -372,6 +379,25 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_label(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.labeling import label_job
+    from kd_cluster.config import load_job
+
+    spec = load_job(a.job, a.overrides, a.profile)
+    res = label_job(spec, a.job, views=a.views, top_k=a.top_k, out=a.out, stage=a.stage, use_ray=not a.no_ray,
+                    address=a.address, workers=a.workers, batch_size=a.batch,
+                    progress=lambda line: console.print(line, soft_wrap=True, highlight=False))
+    cfg = res.labels.config
+    per_sample = res.bytes / max(res.samples, 1) if res.samples else float("nan")
+    console.print(f"labels: {res.labels.url} ({cfg.views} views x top-{cfg.top_k} per sample, "
+                  f"{cfg.data_samples} samples); {res.shards_labelled} shards labelled, {res.shards_skipped} were "
+                  f"already done; {res.samples} samples in {res.wall_s:.1f} s"
+                  + (f", {per_sample:,.0f} bytes per sample" if res.samples else ""), soft_wrap=True, highlight=False)
+    console.print(f"use it: teacher.placement: stored, teacher.labels: {res.labels.url.rsplit('/', 1)[0]}",
+                  soft_wrap=True, highlight=False)
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from kd_cluster.config import JobSpec
 
@@ -503,6 +529,27 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(fn=cmd_bench_teacher)
+
+    te = sub.add_parser("teacher", help="teacher tools")
+    tsub = te.add_subparsers(dest="teacher_command", required=True)
+    tl = tsub.add_parser("label", help="store the job's teacher's top-N predictions on K views of every training "
+                         "sample (for teacher.placement: stored)")
+    tl.add_argument("job")
+    tl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.train=s3://...")
+    tl.add_argument("--views", type=int, default=None, metavar="K", help="augmentation views stored per sample "
+                    "(default: the labelling stage's)")
+    tl.add_argument("--top-k", type=int, default=None, metavar="N", help="probabilities stored per view (default: "
+                    "the labelling stage's, else 10)")
+    tl.add_argument("--out", default=None, help="where the label set goes (default: the labelling stage's folder, "
+                    "teacher.labels of the job, or a folder next to the train split)")
+    tl.add_argument("--stage", default=None, help="the stage to label for (default: the job's labelling stage, else "
+                    "the first stage that distills from a teacher)")
+    tl.add_argument("--workers", type=int, default=None, help="labelling workers on Ray (default: teacher.replicas)")
+    tl.add_argument("--batch", type=int, default=None, help="images per teacher forward (default 256)")
+    tl.add_argument("--no-ray", action="store_true", help="label in this process")
+    tl.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:'")
+    tl.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    tl.set_defaults(fn=cmd_teacher_label)
 
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
     sc.set_defaults(fn=cmd_schema)

@@ -185,26 +185,38 @@ def _final_weights(store_url: str, endpoint: str | None) -> dict:
 
 @pytest.mark.slow
 def test_exact_resume_after_two_sigkills_on_s3(ray_cluster: str, s3, tiny_job, tmp_path: Path) -> None:
-    """2 workers, shards and checkpoints on the S3 server: a run SIGKILLed at two random steps and resumed
-    ends with weights bitwise equal to an uninterrupted run; the resumed stream yields the same keys;
-    the metric log's step axis has no repeats."""
+    """2 workers, shards, stored soft labels and checkpoints on the S3 server: a run SIGKILLed at two random steps
+    and resumed ends with weights bitwise equal to an uninterrupted run; the resumed stream yields the same keys
+    (and replays the same stored crops); the metric log's step axis has no repeats. The labels are made first, by
+    2 Ray labelling workers."""
     import random
 
     import torch
 
     from kd_cluster.cluster import run_job
+    from kd_cluster.cluster.labeling import label_job
     from kd_cluster.data import build_mnist5k
+    from kd_cluster.models import build_model, save_weights
     from kd_cluster.storage import storage_options
 
     bucket = s3.bucket("exact")
     data = f"{bucket}/mnist5k"
     build_mnist5k(data, storage_options=storage_options(data, s3.endpoint), progress=False)
-    sections = dict(stages=[], teacher=None, method={"name": "supervised"}, student={"arch": "cnn_m"},  # has dropout
+    torch.manual_seed(0)
+    teacher = str(tmp_path / "teacher.safetensors")
+    save_weights(build_model("cnn_s", num_classes=10, in_chans=1), teacher)
+    sections = dict(stages=[], method={"name": "kd", "temperature": 4.0, "alpha": 0.5},
+                    teacher={"arch": "cnn_s", "weights": teacher, "placement": "stored", "labels": f"{bucket}/labels"},
+                    student={"arch": "cnn_m"},  # has dropout
                     data={"train": f"{data}/train", "val": f"{data}/val", "endpoint_url": s3.endpoint,
                           "image_size": 28, "batch_size": 32, "loader_workers": 1},
+                    augment={"mixup_alpha": 0.0},
                     schedule={"steps": 48, "log_every": 2, "eval_every": 48, "checkpoint_every": 8, "warmup_steps": 4},
                     storage={"path": f"{bucket}/runs", "endpoint_url": s3.endpoint})
     ref_job, job = tiny_job("exact-ref", **sections), tiny_job("exact", **sections)
+    made = label_job(load_job(ref_job), str(ref_job), views=2, top_k=3, use_ray=True, address=ray_cluster, workers=2,
+                     progress=lambda s: None)
+    assert made.shards_labelled == 16 and made.samples == 4000
     run_job(load_job(ref_job), str(ref_job), use_ray=True, address=ray_cluster)
 
     rng = random.Random()

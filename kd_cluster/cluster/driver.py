@@ -173,10 +173,15 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
             continue
         if on_stage:
             on_stage(plan)
+        if plan.labels is not None:  # a stage that stores the teacher's predictions
+            from kd_cluster.cluster.labeling import run_label_stage
+
+            result.stages[plan.stage] = run_label_stage(plan, use_ray=use_ray, address=address)
+            continue
         if use_ray:
             # a local instance is sized once, for the largest stage still to run (a later stage with teacher
             # actors needs more CPUs than a first, supervised one; Ray cannot grow a started instance)
-            pending = [p for p in plans if p.stage not in result.stages]
+            pending = [p for p in plans if p.stage not in result.stages and p.labels is None]
             ensure_ray(address, max(max(stage_cpus(p) for p in pending), os.cpu_count() or 1))
             fit_stage_ray(plan)
         else:

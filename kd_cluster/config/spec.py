@@ -67,11 +67,15 @@ class TeacherSpec(Strict):
                                          "predictions are averaged in probability space (weighted by 'weight').")
     features_from: str | None = Field(None, description="Ensembles: the member whose feature taps feature-based "
                                       "methods get (logit terms use the ensemble).")
-    placement: Literal["colocated", "actors"] = Field(
+    placement: Literal["colocated", "actors", "stored"] = Field(
         "colocated", description="Where the teacher runs. 'colocated': on each training worker's device. "
         "'actors': on a pool of teacher-inference actors the driver starts before the training workers (one "
         "pool per ensemble member); workers send uint8 crops plus mixup parameters and get back the outputs "
-        "the method needs.")
+        "the method needs. 'stored': nowhere during training: its predictions on K crops of every training "
+        "image were stored by `kd-cluster teacher label` (teacher.labels) and are replayed with their crops.")
+    labels: str | None = Field(None, description="placement stored: the soft-label set to replay (the folder "
+                               "`kd-cluster teacher label` wrote, or its labels.json; any fsspec URL), or "
+                               "'stage:<name>' for the labels an earlier stage of this job stored.")
     replicas: int = Field(1, ge=1, description="Teacher actors in the pool (placement: actors).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per teacher actor (placement: actors).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per teacher actor (placement: actors).")
@@ -102,6 +106,11 @@ class TeacherSpec(Strict):
                 raise ValueError("give arch (one teacher) or members (an ensemble)")
             if self.features_from is not None:
                 raise ValueError("features_from names an ensemble member; this teacher has no members")
+        if self.placement == "stored" and not self.labels:
+            raise ValueError("placement stored replays stored soft labels: set labels to the folder "
+                             "`kd-cluster teacher label` wrote")
+        if self.labels and self.placement != "stored":
+            raise ValueError(f"labels are replayed only with placement stored (placement is {self.placement!r})")
         return self
 
 
@@ -282,6 +291,16 @@ class TelemetrySpec(Strict):
     progress: bool = Field(True, description="Terminal progress on rank 0.")
 
 
+class LabelStageSpec(Strict):
+    """A stage that stores the teacher's predictions (``teacher.placement: stored`` replays them)."""
+
+    views: int = Field(ge=1, description="Augmentation views stored per training sample (K).")
+    top_k: int = Field(10, ge=1, description="Teacher probabilities stored per view (N, the largest).")
+    workers: int | None = Field(None, ge=1, description="Labelling workers on Ray (default: teacher.replicas); each "
+                                "takes teacher.num_cpus / num_gpus.")
+    batch: int = Field(256, ge=1, description="Images per teacher forward.")
+
+
 class StageSpec(Strict):
     """One stage of a multi-stage job; ``set`` overrides the job's sections for this stage only."""
 
@@ -290,6 +309,9 @@ class StageSpec(Strict):
                                                   "'teacher' trains the teacher spec from scratch (or its weights).")
     member: str | None = Field(None, description="With trains: teacher and an ensemble teacher: the member this "
                                "stage trains.")
+    labels: LabelStageSpec | None = Field(None, description="Instead of training: store the teacher's top-N "
+                                          "predictions on K views of every training sample; later stages replay "
+                                          "them with teacher.placement: stored and teacher.labels: stage:<name>.")
     set: dict[str, Any] = Field(default_factory=dict, description="Section overrides for this stage, "
                                 "e.g. {method: {name: supervised}, schedule: {steps: 300}}.")
 
@@ -299,6 +321,13 @@ class StageSpec(Strict):
         if not RUN_NAME_RE.match(v):
             raise ValueError(f"stage name {v!r} must match {RUN_NAME_RE.pattern}")
         return v
+
+    @model_validator(mode="after")
+    def _labels_train_nothing(self) -> "StageSpec":
+        if self.labels is not None and (self.trains != "student" or self.member is not None):
+            raise ValueError("a stage with labels stores the teacher's predictions and trains nothing: drop "
+                             "trains/member")
+        return self
 
     @field_validator("set")
     @classmethod

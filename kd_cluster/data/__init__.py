@@ -12,6 +12,7 @@ from .augment import AugmentParams, ViewParams, draw_views, image_size, mixup, m
 from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
+from .soft_labels import LabelConfig, LabelSet, StoredViews, read_labels
 from .stream import EvalStream, TrainStream, close_loader, make_eval_loader, make_train_loader, start_workers
 from .writer import build_imagefolder, build_mnist5k, build_torchvision, write_split
 
@@ -19,8 +20,11 @@ __all__ = [
     "AugmentParams",
     "DataError",
     "EvalStream",
+    "LabelConfig",
+    "LabelSet",
     "Manifest",
     "ShardInfo",
+    "StoredViews",
     "TrainStream",
     "ViewParams",
     "build_imagefolder",
@@ -37,6 +41,7 @@ __all__ = [
     "make_train_loader",
     "mixup",
     "mixup_lambda",
+    "read_labels",
     "render_views",
     "start_workers",
     "write_split",

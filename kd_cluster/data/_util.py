@@ -93,6 +93,7 @@ class SeedTag(enum.IntEnum):
     MIXUP = 4
     IMAGEFOLDER_SHUFFLE = 5
     MNIST_SPLIT = 6
+    SOFT_LABEL_PICK = 7
 
 
 def seeded_rng(tag: SeedTag, *parts: int) -> np.random.Generator:

@@ -68,10 +68,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ._util import SeedTag, seeded_rng
-from .augment import AugmentParams, check_views, decode_views
+from .augment import AugmentParams, check_views, decode_views, render_views
 from .errors import DataError
 from .manifest import Manifest
 from .shards import RawSample, read_shard
+from .soft_labels import StoredViews
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +108,20 @@ class _ShardCache:
 
 
 def _decode_batch(
-    items: Sequence[_Item], views: Sequence[str], augment: AugmentParams, manifest: Manifest
+    items: Sequence[_Item], views: Sequence[str], augment: AugmentParams, manifest: Manifest,
+    stored: StoredViews | None = None,
 ) -> Batch:
     n_items = len(items)
     shape = (n_items, augment.channels, augment.image_size, augment.image_size)
     images = [np.empty(shape, dtype=np.uint8) for _ in views]
     labels = np.empty(n_items, dtype=np.int64)
     indices = np.empty(n_items, dtype=np.int64)
+    if stored is not None:
+        soft_p = np.empty((n_items, stored.top_k), dtype=np.float16)
+        soft_c = np.empty((n_items, stored.top_k), dtype=np.int64)
     keys: list[str] = []
     n = 0
-    for shard_pos, _, sample, seed_parts in items:
+    for shard_pos, pos, sample, seed_parts in items:
         if sample is None:
             continue
         try:
@@ -127,7 +132,16 @@ def _decode_batch(
             data = next((sample[k] for k in _IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise KeyError(f"no image member (one of {_IMAGE_KEYS})")
-            decode_views(data, views, augment, seed_parts, [im[n] for im in images])
+            if stored is None:
+                decode_views(data, views, augment, seed_parts, [im[n] for im in images])
+            else:  # replay the crop the teacher labelled; seed_parts = (seed, pass, shard, position)
+                view = stored.view(manifest.shards[shard_pos], shard_pos, pos, index, seed_parts[1])
+                if view is None:
+                    raise ValueError("not labelled (it could not be decoded when the labels were made)")
+                render_views(data, [view.params], augment, [images[0][n]])
+                soft_p[n], soft_c[n] = view.probs, view.classes
+        except DataError:
+            raise  # labels that do not belong to this data: not a damaged sample
         except Exception as e:  # any decode/parse failure makes the sample corrupt, never the run
             log.debug("corrupt sample %s in %s: %s", sample.get("__key__"), manifest.shards[shard_pos].url, e)
             continue
@@ -149,6 +163,9 @@ def _decode_batch(
     }
     if len(views) > 1:
         batch["image_t"] = torch.from_numpy(images[1][:n])
+    if stored is not None:
+        batch["soft_probs"] = torch.from_numpy(soft_p[:n])
+        batch["soft_classes"] = torch.from_numpy(soft_c[:n])
     return batch
 
 
@@ -161,6 +178,9 @@ class TrainStream(IterableDataset):
     ``"key"`` list of str, ``"corrupt"`` int (samples dropped from this batch) and ``"step"`` int (the
     global step the batch belongs to). Views: ``"aug"`` Inception crop (+ flip), ``"aug2"`` a second,
     independently drawn crop/flip of the same image, ``"center"`` the eval transform of the same image.
+    With ``stored`` (soft labels), each sample's ``"aug"`` view is not drawn but replayed from the labels (one of
+    their K views, picked per pass), and the batch carries the teacher's stored top-N as ``"soft_probs"``
+    (float16 ``[B, N]``) and ``"soft_classes"`` (int64 ``[B, N]``).
     See the module docstring for the determinism contract.
     """
 
@@ -177,9 +197,15 @@ class TrainStream(IterableDataset):
         augment: AugmentParams,
         views: tuple[str, ...] = ("aug",),
         storage_options: dict[str, Any] | None = None,
+        stored: StoredViews | None = None,
     ) -> None:
         super().__init__()
         _check_placement(manifest, batch_size, rank, world_size)
+        if stored is not None:
+            if tuple(views) != ("aug",):
+                raise DataError(f"{manifest.url}: a stream over stored labels has one view ('aug'), got {views!r}")
+            stored.check(manifest)
+        self.stored = stored
         if num_workers < 0 or start_step < 0:
             raise DataError(f"{manifest.url}: num_workers and start_step must be >= 0, got {num_workers}, {start_step}")
         self.manifest = manifest
@@ -249,7 +275,7 @@ class TrainStream(IterableDataset):
             for _ in range(self.batch_size):
                 epoch, j, p = next(positions)
                 items.append((j, p, cache.get(j)[p], (self.seed, epoch, j, p)))
-            batch = _decode_batch(items, self.views, self.augment, self.manifest)
+            batch = _decode_batch(items, self.views, self.augment, self.manifest, self.stored)
             batch["step"] = k * w + v
             yield batch
             k += 1

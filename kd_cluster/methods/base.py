@@ -64,6 +64,9 @@ class Needs:
     """Feature taps of the teacher."""
     index: bool = False
     """The per-sample dataset index (``idx`` in the shards), e.g. for memory banks."""
+    live_teacher: str | None = None
+    """Why this method needs the teacher to run during training, whatever its settings (None: stored soft
+    labels, the teacher's predictions on crops fixed in advance, can serve it; ``teacher.placement: stored``)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,10 @@ class FunMatch(Method):
     """Consistent views + mixup, KL only."""
 
     Config = FunMatchConfig
-    needs = Needs(teacher=True, teacher_view="same", labels=False)
+    needs = Needs(teacher=True, teacher_view="same", labels=False,
+                  live_teacher="function matching trains on the teacher's prediction for the very image the student "
+                  "sees, cropped and mixed anew at every step; stored labels hold predictions for crops fixed in "
+                  "advance")
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         assert out.teacher_logits is not None
@@ -53,4 +56,6 @@ class FixedTeacher(Method):
 class IndependentViews(FunMatch):
     """Baseline: teacher and student get independently drawn crops of the same image."""
 
-    needs = Needs(teacher=True, teacher_view="independent", labels=False)
+    needs = Needs(teacher=True, teacher_view="independent", labels=False,
+                  live_teacher="independent_views needs the teacher's prediction on a second crop drawn anew at "
+                  "every step, mixed like the student's")

@@ -14,7 +14,7 @@ from kd_cluster.models.runtime import Normalizer, default_normalization, keep_fr
 from kd_cluster.models.registry import available_models, build_model, check_model_name, count_parameters
 from kd_cluster.models.small import SMALL_MODELS, SmallCNN
 from kd_cluster.models.taps import TappedModel, check_taps, feature_node_names
-from kd_cluster.models.weights import load_weights, save_weights
+from kd_cluster.models.weights import load_weights, save_weights, weights_sha256
 
 __all__ = [
     "CIFAR_MODELS",
@@ -33,4 +33,5 @@ __all__ = [
     "keep_freed_memory",
     "load_weights",
     "save_weights",
+    "weights_sha256",
 ]

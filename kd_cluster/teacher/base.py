@@ -32,6 +32,9 @@ TeacherOutputs = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 View = Literal["same", "center", "independent"]
 
+VIEWS: dict[str, tuple[str, ...]] = {"same": ("aug",), "center": ("aug", "center"), "independent": ("aug", "aug2")}
+"""The stream views a training batch carries for a teacher of each view kind (see ``kd_cluster.data``)."""
+
 
 @dataclass(frozen=True)
 class TeacherView:
@@ -109,6 +112,13 @@ class TeacherPlan:
     request_timeout_s: float = 120.0
     max_retries: int = 5
     max_restarts: int = 3
+    labels: str | None = None
+    """Placement ``stored``: the label set (folder or ``labels.json``) to replay."""
+    seed: int = 0
+    """The job's seed (placement ``stored`` picks the replayed view of each sample and pass from it)."""
+    label_expect: dict[str, Any] = field(default_factory=dict)
+    """Placement ``stored``: what the stage expects of the label set (teacher, image size, augmentation, data);
+    checked when the labels are opened (``kd_cluster.data.soft_labels.label_mismatches``)."""
 
     @property
     def is_ensemble(self) -> bool:
@@ -138,6 +148,15 @@ class Teacher:
     """Ensembles: the members' names (their eval figures are logged per member)."""
     reads_views: bool = True
     """Whether :meth:`step` reads the batch's views on the training device (False: they were sent away)."""
+    evaluates: bool = True
+    """Whether :meth:`evaluate` can label validation images (False: evaluations report no teacher figures)."""
+    view_source: Any = None
+    """Where the training stream takes each sample's crop from (``kd_cluster.data.StoredViews``); None: the
+    stream draws it."""
+
+    def train_views(self, kind: View) -> tuple[str, ...]:
+        """The views the training stream must produce for a method whose teacher sees ``kind``."""
+        return VIEWS[kind]
 
     def feed(self, batches: Iterator[Batch], lam_of_step: Callable[[int], float]) -> Iterator[Batch]:
         """The training batches, in order, as this teacher needs them. Default: unchanged."""
@@ -175,5 +194,5 @@ def teacher_input(inp: StepInput) -> torch.Tensor:
     return inp.view.expand(xt)
 
 
-__all__ = ["Batch", "MemberPlan", "StepInput", "Teacher", "TeacherContext", "TeacherEval", "TeacherOutputs",
+__all__ = ["VIEWS", "Batch", "MemberPlan", "StepInput", "Teacher", "TeacherContext", "TeacherEval", "TeacherOutputs",
            "TeacherPlan", "TeacherView", "View", "teacher_input"]

@@ -36,9 +36,6 @@ from kd_cluster.train.plan import StagePlan
 from kd_cluster.train.preempt import Preempted
 from kd_cluster.train.session import Session
 
-VIEWS = {"same": ("aug",), "center": ("aug", "center"), "independent": ("aug", "aug2")}
-
-
 @dataclass
 class StageResult:
     """What a finished (or stopped) stage reports back to the driver."""
@@ -74,6 +71,8 @@ def evaluate(model: nn.Module | None, teacher: Teacher | None, loader: Any, norm
     """
     if model is not None:
         model.eval()
+    if teacher is not None and not teacher.evaluates:  # e.g. stored labels: no teacher for val images
+        teacher = None
     members = teacher.member_names if teacher is not None else ()
     # top1, top5, teacher top1, agreement, n, then each member's top-1
     acc = torch.zeros(5 + len(members), device=device, dtype=torch.float64)
@@ -300,10 +299,11 @@ class StageRunner:
                             crop_ratio=tuple(spec.augment.crop_ratio), flip=spec.augment.flip,
                             eval_resize_ratio=spec.augment.eval_resize_ratio, channels=plan.channels)
         per_rank = spec.data.batch_size // world
-        views = VIEWS[plan.needs.teacher_view] if self.teacher is not None else ("aug",)
+        views = self.teacher.train_views(plan.needs.teacher_view) if self.teacher is not None else ("aug",)
         stream = TrainStream(self.train_manifest, batch_size=per_rank, seed=spec.seed, rank=rank, world_size=world,
                              num_workers=spec.data.loader_workers, start_step=self.start_step, augment=aug,
-                             views=views, storage_options=self.opts)
+                             views=views, storage_options=self.opts,
+                             stored=self.teacher.view_source if self.teacher is not None else None)
         loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers,
                                         pin_memory=self.device.type == "cuda"))
         self.cleanup.callback(close_loader, loader)

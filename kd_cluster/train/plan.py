@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
-from kd_cluster.config.spec import ModelSpec, TeacherSpec
-from kd_cluster.data import DataError, Manifest, load_manifest
+from kd_cluster.config.spec import LabelStageSpec, ModelSpec, StageSpec, TeacherSpec
+from kd_cluster.data import DataError, Manifest, load_manifest, read_labels
+from kd_cluster.data.soft_labels import label_mismatches
 from kd_cluster.methods import MethodError, Needs, method_needs
-from kd_cluster.models import ModelError, check_model_name, check_taps, default_normalization
+from kd_cluster.models import ModelError, check_model_name, check_taps, default_normalization, weights_sha256
 from kd_cluster.storage import absolute, describe_store_error, is_remote, join, storage_options, store_errors
 from kd_cluster.teacher import MemberPlan, TeacherPlan
 
@@ -46,6 +47,13 @@ class StagePlan:
     stage_url: str
     method_init: str | None = None
     """Weights for the method's own modules (``method.init``), resolved to an absolute URI."""
+    labels: LabelStageSpec | None = None
+    """A stage that stores the teacher's predictions instead of training (``trains`` is "labels")."""
+
+    @property
+    def labels_url(self) -> str:
+        """Where a labelling stage stores its label set."""
+        return join(self.stage_url, "labels")
 
     @property
     def teacher_arch(self) -> str | None:
@@ -163,7 +171,7 @@ def _members(t: TeacherSpec, needs: Needs, at: str, earlier: list[str], root: st
     for j, m in enumerate(specs):
         arch, weights = (m.arch, m.weights) if m is not None else (t.arch, t.weights)
         field = f"teacher.members[{j}].weights" if m is not None else "teacher.weights"
-        if weights is None:
+        if weights is None and t.placement != "stored":  # stored labels carry the teacher's predictions
             problems.append(f"{at}{field}: a frozen teacher needs weights (a URI, or 'stage:<name>' "
                             "of a stage that trains it)")
         resolved = _resolve_weights(weights, f"{at}{field}", earlier, root, problems)
@@ -178,18 +186,74 @@ def _members(t: TeacherSpec, needs: Needs, at: str, earlier: list[str], root: st
     return out
 
 
-def _teacher_plan(eff: JobSpec, needs: Needs, members: list[MemberPlan], num_classes: int,
-                  channels: int) -> TeacherPlan:
+def _teacher_plan(eff: JobSpec, needs: Needs, members: list[MemberPlan], num_classes: int, channels: int,
+                  labels: str | None = None, expect: dict[str, Any] | None = None,
+                  placement: str | None = None) -> TeacherPlan:
     t = eff.teacher
     assert t is not None
     norm = eff.data.normalize
     mean, std = (norm.mean, norm.std) if norm else default_normalization(channels)
+    placement = placement or t.placement
+    if placement == "stored":  # the labels hold the (ensemble's) output: one teacher, whatever its members
+        members = [MemberPlan(name="teacher", arch="+".join(m.arch for m in members), weights=None)]
     return TeacherPlan(
-        placement=t.placement, members=tuple(members), view=needs.teacher_view, num_classes=num_classes,
+        placement=placement, members=tuple(members), view=needs.teacher_view, num_classes=num_classes,
         channels=channels, mean=tuple(mean), std=tuple(std), endpoint_url=eff.storage.endpoint_url,
         method_name=eff.method.name, method_params=eff.method.params(), amp=eff.resources.amp,
         channels_last=eff.resources.channels_last, prefetch=t.prefetch, max_in_flight=t.max_in_flight,
-        request_timeout_s=t.request_timeout_s, max_retries=t.max_retries, max_restarts=t.max_restarts)
+        request_timeout_s=t.request_timeout_s, max_retries=t.max_retries, max_restarts=t.max_restarts,
+        labels=labels, label_expect=expect or {}, seed=eff.seed)
+
+
+def _check_stored(eff: JobSpec, needs: Needs, at: str, problems: list[str]) -> None:
+    """What stored labels can serve: the teacher's top-N on unmixed crops fixed in advance, no features."""
+    name = eff.method.name
+    use = "use teacher.placement colocated or actors"
+    if needs.live_teacher:
+        problems.append(f"{at}teacher.placement: stored cannot serve method {name!r}: {needs.live_teacher}; {use}")
+    if needs.teacher_features:
+        problems.append(f"{at}teacher.placement: stored labels hold the teacher's top-N probabilities, not the "
+                        f"features method {name!r} reads ({', '.join(needs.teacher_features)}); {use}")
+    if needs.teacher_view == "same" and eff.augment.mixup_alpha > 0 and not needs.live_teacher:
+        problems.append(f"{at}augment.mixup_alpha: method {name!r} wants the teacher's prediction on the mixed "
+                        "image, but stored labels are predictions on unmixed crops: set augment.mixup_alpha: 0, or "
+                        "use fixed_teacher (it mixes the stored targets as probabilities)")
+
+
+def _label_expect(eff: JobSpec, members: list[MemberPlan], train_m: Manifest | None) -> dict[str, Any]:
+    """What the stage expects of the label set it replays (checked here when the labels exist, and when the
+    stored teacher opens them)."""
+    t = eff.teacher
+    assert t is not None
+    a = eff.augment
+    return {"archs": [m.arch for m in members], "arch_field": "teacher.members" if t.members else "teacher.arch",
+            "weights": [m.weights for m in members], "image_size": eff.data.image_size,
+            "crop_scale": list(a.crop_scale), "crop_ratio": list(a.crop_ratio), "flip": a.flip,
+            "data_shards": [s.count for s in train_m.shards] if train_m is not None else None,
+            "num_classes": train_m.num_classes if train_m is not None else 0,
+            "channels": train_m.channels if train_m is not None else 0}
+
+
+def _check_labels(eff: JobSpec, at: str, check_data: str, labels: str, expect: dict[str, Any],
+                  problems: list[str]) -> None:
+    """A stored label set matches this job: the same teacher, data, image size and augmentation. Labels an
+    earlier stage of this job will store are checked when the stage that replays them opens them."""
+    if check_data == "none" or (check_data == "local" and is_remote(labels)):
+        return
+    opts = storage_options(labels, eff.storage.endpoint_url)
+    try:
+        cfg = read_labels(labels, opts).config
+    except DataError as exc:
+        if eff.teacher is not None and (eff.teacher.labels or "").startswith(STAGE_REF):
+            return  # not stored yet: its stage runs first
+        problems.append(f"{at}teacher.labels: {exc}")
+        return
+    except store_errors() as exc:
+        problems.append(f"{at}teacher.labels: cannot read {labels!r}: {describe_store_error(exc)}")
+        return
+    shas = [weights_sha256(w, storage_options=storage_options(w, eff.storage.endpoint_url)) if w else None
+            for w in expect["weights"]]
+    problems.extend(at + line for line in label_mismatches(cfg, {**expect, "weights_sha256": shas}, eff.teacher.labels))
 
 
 def _stage_data(eff: JobSpec, at: str, check_data: str, problems: list[str],
@@ -214,6 +278,67 @@ def _stage_data(eff: JobSpec, at: str, check_data: str, problems: list[str],
     return train_m, val_m, total
 
 
+def _method_needs(eff: JobSpec, trains: str, at: str, problems: list[str]) -> Needs | None:
+    """The stage method's needs (None when its name or settings are wrong), checked against the stage."""
+    try:
+        needs = method_needs(eff.method.name, eff.method.params())
+    except MethodError as exc:
+        problems.append(f"{at}{exc}")
+        return None
+    if trains == "student":
+        _check_taps(eff, needs, at, problems)
+    if needs.teacher and trains == "teacher":
+        problems.append(f"{at}method {eff.method.name!r} needs a teacher, but this stage trains the teacher; "
+                        "use a method without one (e.g. supervised)")
+    if needs.teacher and eff.teacher is None:
+        problems.append(f"{at}method {eff.method.name!r} needs a teacher: add a 'teacher' section")
+    return needs
+
+
+def _label_stage(spec: JobSpec, eff: JobSpec, stage: StageSpec, at: str, root: str, offset: int,
+                 earlier: list[str], check_data: str, problems: list[str],
+                 opened: dict[tuple[str, str | None], Manifest | None]) -> StagePlan | None:
+    """A stage that stores the teacher's predictions on K views of every training sample (it trains nothing)."""
+    assert stage.labels is not None
+    if eff.teacher is None:
+        problems.append(f"{at}labels: a stage that stores the teacher's predictions needs a 'teacher' section")
+        return None
+    for field, arch in _archs(eff)[1:]:
+        try:
+            check_model_name(arch)
+        except ModelError as exc:
+            problems.append(f"{at}{field}.arch: {exc}")
+    needs = Needs(teacher=True)
+    members = _members(eff.teacher.model_copy(update={"placement": "colocated"}), needs, at, earlier, root, problems)
+    train_m, _, _ = _stage_data(eff.model_copy(update={"data": eff.data.model_copy(update={"val": None})}), at,
+                                check_data, problems, opened)
+    num_classes, channels = (train_m.num_classes, train_m.channels) if train_m else (0, 0)
+    if train_m is not None and stage.labels.top_k > num_classes:
+        problems.append(f"{at}labels.top_k: {stage.labels.top_k} is more than the {num_classes} classes of the data")
+    return StagePlan(run=spec.name, stage=stage.name, spec=eff, trains="labels", arch="+".join(m.arch for m in members),
+                     weights=None, needs=needs,
+                     teacher=_teacher_plan(eff, needs, members, num_classes, channels, placement="colocated"),
+                     total_steps=0, step_offset=offset, num_classes=num_classes, channels=channels,
+                     train_manifest=train_m.url if train_m else absolute(eff.data.train), val_manifest=None,
+                     stage_url=join(root, stage.name), labels=stage.labels)
+
+
+def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str, problems: list[str]) -> str | None:
+    """The label set a stored teacher replays: a URL, or an earlier labelling stage's output."""
+    t = eff.teacher
+    if t is None or t.placement != "stored" or not t.labels:
+        return None
+    if not t.labels.startswith(STAGE_REF):
+        return absolute(t.labels)
+    ref = t.labels[len(STAGE_REF):]
+    if trained_by.get(ref) != "labels":
+        labelled = [n for n, kind in trained_by.items() if kind == "labels"]
+        problems.append(f"{at}teacher.labels: {t.labels!r} names no earlier stage that stores labels; such stages: "
+                        f"{', '.join(labelled) or '(none)'}")
+        return None
+    return join(root, ref, "labels")
+
+
 def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "all"] = "all") -> list[StagePlan]:
     """Check a job against the registries and its data; return one plan per stage."""
     problems: list[str] = []
@@ -229,6 +354,13 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         eff = eff.model_copy(update={"telemetry": eff.telemetry.model_copy(
             update={"wandb_dir": absolute(eff.telemetry.wandb_dir)})})
         at = f"stages[{i}] ({stage.name}): " if spec.stages else ""
+        if stage.labels is not None:
+            label_plan = _label_stage(spec, eff, stage, at, root, offset, list(trained_by), check_data, problems,
+                                      opened)
+            trained_by[stage.name] = "labels"
+            if label_plan is not None:
+                plans.append(label_plan)
+            continue
         trained = _trained_model(eff, stage.trains, stage.member, at, problems)
         if trained is None:
             continue
@@ -237,22 +369,12 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
                 check_model_name(arch)
             except ModelError as exc:
                 problems.append(f"{at}{field}.arch: {exc}")
-        needs: Needs | None
-        try:
-            needs = method_needs(eff.method.name, eff.method.params())
-        except MethodError as exc:
-            problems.append(f"{at}{exc}")
-            needs = None
+        needs = _method_needs(eff, stage.trains, at, problems)
         teacher_needed = needs is not None and needs.teacher and stage.trains == "student"
-        if needs is not None and stage.trains == "student":
-            _check_taps(eff, needs, at, problems)
-        if needs is not None and needs.teacher and stage.trains == "teacher":
-            problems.append(f"{at}method {eff.method.name!r} needs a teacher, but this stage trains the teacher; "
-                            "use a method without one (e.g. supervised)")
-        if needs is not None and needs.teacher and eff.teacher is None:
-            problems.append(f"{at}method {eff.method.name!r} needs a teacher: add a 'teacher' section")
         members = (_members(eff.teacher, needs, at, list(trained_by), root, problems)
                    if teacher_needed and eff.teacher is not None and needs is not None else None)
+        if members and eff.teacher is not None and eff.teacher.placement == "stored":
+            _check_stored(eff, needs, at, problems)
         own_output = trained.weights == f"{STAGE_REF}{stage.name}"  # the model this stage produces: start fresh
         weights = None if own_output else _resolve_weights(
             trained.weights, f"{at}{stage.trains}.weights", list(trained_by), root, problems)
@@ -262,6 +384,10 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
                        if isinstance(init, str) else None)
 
         train_m, val_m, total = _stage_data(eff, at, check_data, problems, opened)
+        labels = _stored_labels(eff, at, trained_by, root, problems) if members else None
+        expect = _label_expect(eff, members, train_m) if labels and members else None
+        if labels and expect:
+            _check_labels(eff, at, check_data, labels, expect, problems)
         num_classes = train_m.num_classes if train_m else 0
         channels = train_m.channels if train_m else 0
         trained_by[stage.name] = stage.trains
@@ -270,7 +396,7 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         plans.append(StagePlan(
             run=spec.name, stage=stage.name, spec=eff, trains=stage.trains, arch=trained.arch,
             weights=weights, needs=needs,
-            teacher=_teacher_plan(eff, needs, members, num_classes, channels) if members else None,
+            teacher=_teacher_plan(eff, needs, members, num_classes, channels, labels, expect) if members else None,
             total_steps=total, step_offset=offset, num_classes=num_classes, channels=channels,
             # opened manifests are passed by their resolved URL (a builtin set is built on the driver)
             train_manifest=train_m.url if train_m else absolute(eff.data.train),
