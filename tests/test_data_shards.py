@@ -296,3 +296,44 @@ def test_s3_roundtrip(s3_options: dict, jpeg_tree: Path, tmp_path: Path) -> None
     local = load_manifest(str(tmp_path / "val"))
     assert [s.count for s in local.shards] == [s.count for s in manifests["val"].shards]
     assert os.path.exists(local.shards[0].url)
+
+
+def test_max_side_reencodes_large_images_only_and_the_manifest_says_so(tmp_path: Path) -> None:
+    from kd_cluster.data import Reencode
+
+    big, small = _jpeg(1, (400, 300)), _jpeg(2, (60, 40))
+    gray = io.BytesIO()
+    Image.fromarray(np.full((200, 100), 77, np.uint8)).save(gray, format="PNG")
+    samples = [(big, "jpg", 0), (small, "jpg", 1), (gray.getvalue(), "png", 2), (b"not an image", "jpg", 0)]
+    m = write_split(samples, str(tmp_path / "out"), name="t", split="train", classes=CLASSES, channels=3,
+                    shard_size=10, progress=False, reencode=Reencode(128, quality=75), jobs=1)
+    assert m.reencode == {"max_side": 128, "quality": 75, "reencoded": 2}
+    assert json.loads(Path(m.url).read_text())["reencode"] == m.reencode
+    assert load_manifest(m.url).reencode == m.reencode
+    raw = _raw_samples(m)
+    shrunk = Image.open(io.BytesIO(raw[0]["jpg"]))
+    assert shrunk.format == "JPEG" and shrunk.size == (128, 96)
+    assert raw[1]["jpg"] == small  # not larger than max side: stored as given
+    png = Image.open(io.BytesIO(raw[2]["png"]))
+    assert png.format == "PNG" and png.size == (64, 128) and png.mode == "L"  # lossless stays lossless
+    assert raw[3]["jpg"] == b"not an image"  # unreadable: stored as given, the streams count it as corrupt
+    stream = TrainStream(m, batch_size=4, seed=0, rank=0, world_size=1, num_workers=0, start_step=0,
+                         augment=AugmentParams(image_size=32))
+    batch = next(iter(stream))
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["corrupt"] == 1
+
+
+def test_max_side_in_parallel_gives_the_same_shards(tmp_path: Path) -> None:
+    from kd_cluster.data import Reencode
+
+    samples = [(_jpeg(i, (90 + i, 70)), "jpg", i % 3) for i in range(6)]
+    kw = dict(name="t", split="train", classes=CLASSES, channels=3, shard_size=4, progress=False,
+              reencode=Reencode(64))
+    one = write_split(samples, str(tmp_path / "a"), jobs=1, **kw)
+    two = write_split(samples, str(tmp_path / "b"), jobs=2, **kw)
+    assert [s["jpg"] for s in _raw_samples(one)] == [s["jpg"] for s in _raw_samples(two)]
+    assert one.reencode == two.reencode == {"max_side": 64, "quality": 90, "reencoded": 6}
+    with pytest.raises(DataError, match="--max-side must be >= 8"):
+        Reencode(4)
+    with pytest.raises(DataError, match="--quality must be in 1..100"):
+        Reencode(64, quality=0)

@@ -14,7 +14,7 @@ from .errors import DataError
 from .manifest import Manifest, ShardInfo
 from .soft_labels import LabelConfig, LabelSet, StoredViews, read_labels
 from .stream import EvalStream, TrainStream, close_loader, make_eval_loader, make_train_loader, start_workers
-from .writer import build_imagefolder, build_mnist5k, build_torchvision, write_split
+from .writer import Reencode, build_imagefolder, build_mnist5k, build_torchvision, shrink_image, write_split
 
 __all__ = [
     "AugmentParams",
@@ -26,6 +26,7 @@ __all__ = [
     "ShardInfo",
     "StoredViews",
     "TrainStream",
+    "Reencode",
     "ViewParams",
     "build_imagefolder",
     "build_mnist5k",
@@ -43,6 +44,7 @@ __all__ = [
     "mixup_lambda",
     "read_labels",
     "render_views",
+    "shrink_image",
     "start_workers",
     "write_split",
 ]

@@ -6,7 +6,11 @@ DataLoader worker count and batch size, images/s of
 
 (a) :class:`~kd_cluster.data.TrainStream`: decode (with JPEG draft) + Inception crop + flip, uint8;
 (b) ``torchvision.datasets.ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
-    ``PILToTensor`` in a shuffling DataLoader.
+    ``PILToTensor`` in a shuffling DataLoader;
+
+each on the originals and, with ``max_side``, on the same images re-encoded to that longer side
+(:func:`~kd_cluster.data.shrink_image`, what ``shards build --max-side`` writes): the shards are written
+from an ImageFolder tree of the re-encoded files, so both loaders read the very same bytes.
 
 ``tests/benchmarks/bench_data.py`` runs it from the command line; ``kd-cluster bench data`` wraps :func:`run`.
 """
@@ -31,7 +35,7 @@ from PIL import Image
 
 from .augment import AugmentParams
 from .stream import TrainStream, make_train_loader
-from .writer import build_imagefolder
+from .writer import Reencode, build_imagefolder, shrink_image
 
 
 def _photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
@@ -64,6 +68,21 @@ def make_imagenet_like(root: Path, *, n_images: int, n_classes: int, seed: int =
             data = _photo_like_jpeg(rng, w, h)
             (d / f"{split}_{i:06d}.JPEG").write_bytes(data)
             total += len(data) if split == "train" else 0
+    return total
+
+
+def reencode_tree(src: Path, dst: Path, reencode: Reencode) -> int:
+    """Copy the ImageFolder tree ``src`` to ``dst`` with every image shrunk as ``shards build --max-side`` would
+    (same file names); returns the total bytes of the train images written."""
+    total = 0
+    for path in sorted(src.rglob("*.JPEG")):
+        data = path.read_bytes()
+        out = shrink_image(data, "jpg", reencode)
+        data = out[0] if out is not None else data
+        target = dst / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        total += len(data) if path.relative_to(src).parts[0] == "train" else 0
     return total
 
 
@@ -133,72 +152,95 @@ def run(
     timed_images: int | None = None,
     rounds: int = 5,
     n_classes: int = 8,
+    max_side: int | None = 320,
+    quality: int = 90,
     workdir: str | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark and return its figures (and print a table when ``verbose``).
 
-    ``workers`` defaults to the number of cores. Both loaders run side by side and are timed in
-    alternation, ``rounds`` rounds of ``timed_images`` images each (default ``n_images``), so both see
+    ``workers`` defaults to the number of cores. All loaders run side by side and are timed in
+    alternation, ``rounds`` rounds of ``timed_images`` images each (default ``n_images``), so all see
     the same background load; medians are reported. Two figures per pipeline: images/s of wall time
     (what a trainer gets on this machine now) and images per CPU-second spent by the loader's worker
     processes plus the main process ("per core": robust to other load on the machine; Linux only).
+    ``max_side`` (None: off) adds both loaders on the images re-encoded to that longer side at ``quality``.
     """
     if workers is None:
         workers = os.cpu_count() or 1
     timed = timed_images or n_images
+    sets = {"": None} | ({"small": Reencode(max_side, quality)} if max_side else {})
     with tempfile.TemporaryDirectory(dir=workdir, prefix="kd_bench_data_") as tmp:
         root = Path(tmp) / "imagenet_like"
         t0 = time.perf_counter()
-        jpeg_bytes = make_imagenet_like(root, n_images=n_images, n_classes=n_classes)
+        jpeg_bytes = {"": make_imagenet_like(root, n_images=n_images, n_classes=n_classes)}
         t_gen = time.perf_counter() - t0
+        roots = {"": root}
+        for key, reencode in sets.items():
+            if reencode is not None:
+                roots[key] = Path(tmp) / f"max_side_{reencode.max_side}"
+                jpeg_bytes[key] = reencode_tree(root, roots[key], reencode)
         # Enough shards that every worker's split holds several.
         shard_size = max(1, n_images // (4 * max(1, workers)))
-        t0 = time.perf_counter()
-        shards_url = str(Path(tmp) / "shards")
-        manifest = build_imagefolder(str(root), shards_url, shard_size=shard_size, progress=False)["train"]
-        t_shard = time.perf_counter() - t0
-
-        stream = TrainStream(
-            manifest,
-            batch_size=batch_size,
-            seed=0,
-            rank=0,
-            world_size=1,
-            num_workers=workers,
-            start_step=0,
-            augment=AugmentParams(image_size=size),
-        )
         drain = 2 * max(1, workers) + 1  # prefetch_factor (2) batches per worker, plus one
-        ours = _Pipeline(lambda: iter(make_train_loader(stream, num_workers=workers)), lambda b: len(b["key"]), drain)
-        theirs = _Pipeline(lambda: _torchvision_batches(root, size, workers, batch_size), lambda b: len(b[1]), drain)
+        t0 = time.perf_counter()
+        pipes: dict[str, _Pipeline] = {}
+        for key in sets:
+            manifest = build_imagefolder(str(roots[key]), str(Path(tmp) / f"shards{key}"), shard_size=shard_size,
+                                         progress=False)["train"]
+            stream = TrainStream(manifest, batch_size=batch_size, seed=0, rank=0, world_size=1, num_workers=workers,
+                                 start_step=0, augment=AugmentParams(image_size=size))
+            pipes[f"trainstream{key}"] = _Pipeline(
+                lambda stream=stream: iter(make_train_loader(stream, num_workers=workers)), lambda b: len(b["key"]),
+                drain)
+            pipes[f"torchvision{key}"] = _Pipeline(
+                lambda r=roots[key]: _torchvision_batches(r, size, workers, batch_size), lambda b: len(b[1]), drain)
+        t_shard = time.perf_counter() - t0
         for _ in range(rounds):
-            ours.round(timed)
-            theirs.round(timed)
-        ours.close()
-        theirs.close()
+            for pipe in pipes.values():
+                pipe.round(timed)
+        for pipe in pipes.values():
+            pipe.close()
 
     med = statistics.median
-    result = {
+    result: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "load_average": "/".join(f"{x:.1f}" for x in os.getloadavg()),
         "workers": workers,
         "batch_size": batch_size,
         "image_size": size,
         "dataset_images": n_images,
-        "mean_jpeg_kb": jpeg_bytes / n_images / 1024,
+        "mean_jpeg_kb": jpeg_bytes[""] / n_images / 1024,
         "timed_images": timed,
         "rounds": rounds,
         "generate_s": t_gen,
         "shard_s": t_shard,
-        "trainstream_img_s": med(ours.wall),
-        "trainstream_img_per_cpu_s": med(ours.cpu),
-        "torchvision_img_s": med(theirs.wall),
-        "torchvision_img_per_cpu_s": med(theirs.cpu),
-        "ratio": med(ours.wall) / med(theirs.wall),
-        "ratio_per_cpu_s": med(ours.cpu) / med(theirs.cpu),
-        "trainstream_rounds_img_s": ours.wall,
-        "torchvision_rounds_img_s": theirs.wall,
     }
+    for key in sets:
+        ours, theirs = pipes[f"trainstream{key}"], pipes[f"torchvision{key}"]
+        sfx = f"_{key}" if key else ""
+        result |= {
+            f"trainstream{sfx}_img_s": med(ours.wall),
+            f"trainstream{sfx}_img_per_cpu_s": med(ours.cpu),
+            f"torchvision{sfx}_img_s": med(theirs.wall),
+            f"torchvision{sfx}_img_per_cpu_s": med(theirs.cpu),
+            f"ratio{sfx}": med(ours.wall) / med(theirs.wall),
+            f"ratio{sfx}_per_cpu_s": med(ours.cpu) / med(theirs.cpu),
+            f"trainstream{sfx}_rounds_img_s": ours.wall,
+            f"torchvision{sfx}_rounds_img_s": theirs.wall,
+        }
+    if max_side:
+        result |= {
+            "max_side": max_side,
+            "quality": quality,
+            "mean_jpeg_kb_small": jpeg_bytes["small"] / n_images / 1024,
+            "speedup_small_trainstream": result["trainstream_small_img_s"] / result["trainstream_img_s"],
+            "speedup_small_trainstream_per_cpu_s": (result["trainstream_small_img_per_cpu_s"]
+                                                    / result["trainstream_img_per_cpu_s"]),
+            "speedup_small_torchvision": result["torchvision_small_img_s"] / result["torchvision_img_s"],
+            "speedup_small_torchvision_per_cpu_s": (result["torchvision_small_img_per_cpu_s"]
+                                                    / result["torchvision_img_per_cpu_s"]),
+        }
     if verbose:
         print(format_table(result))
     return result
@@ -206,17 +248,29 @@ def run(
 
 def format_table(r: dict[str, Any]) -> str:
     """A small text table of a :func:`run` result."""
-    rows = [
-        ("kd_cluster TrainStream (draft+crop+flip)", r["trainstream_img_s"], r["trainstream_img_per_cpu_s"]),
-        ("torchvision ImageFolder+RandomResizedCrop", r["torchvision_img_s"], r["torchvision_img_per_cpu_s"]),
-        ("ratio TrainStream / torchvision", r["ratio"], r["ratio_per_cpu_s"]),
-    ]
+    sets = [("", "originals")] + ([("_small", f"max side {r['max_side']}")] if "max_side" in r else [])
+    rows = []
+    for sfx, label in sets:
+        rows += [
+            (f"kd_cluster TrainStream, {label}", r[f"trainstream{sfx}_img_s"], r[f"trainstream{sfx}_img_per_cpu_s"]),
+            (f"torchvision ImageFolder, {label}", r[f"torchvision{sfx}_img_s"], r[f"torchvision{sfx}_img_per_cpu_s"]),
+            (f"ratio TrainStream / ImageFolder, {label}", r[f"ratio{sfx}"], r[f"ratio{sfx}_per_cpu_s"]),
+        ]
+    if "max_side" in r:
+        rows += [
+            (f"ratio max side {r['max_side']} / originals, TrainStream", r["speedup_small_trainstream"],
+             r["speedup_small_trainstream_per_cpu_s"]),
+            (f"ratio max side {r['max_side']} / originals, ImageFolder", r["speedup_small_torchvision"],
+             r["speedup_small_torchvision_per_cpu_s"]),
+        ]
+    small = (f"; re-encoded to max side {r['max_side']} at quality {r['quality']}: "
+             f"{r['mean_jpeg_kb_small']:.0f} KB avg") if "max_side" in r else ""
     lines = [
         f"data loading, {r['machine']}: {r['workers']} loader workers, batch {r['batch_size']}, "
-        f"{r['image_size']} px, {r['dataset_images']} JPEGs of {r['mean_jpeg_kb']:.0f} KB avg; "
-        f"median of {r['rounds']} alternating rounds of {r['timed_images']} images",
-        f"{'pipeline':<44}{'images/s':>10}{'per core (img/CPU-s)':>22}",
+        f"{r['image_size']} px, {r['dataset_images']} JPEGs of {r['mean_jpeg_kb']:.0f} KB avg{small}; "
+        f"median of {r['rounds']} alternating rounds of {r['timed_images']} images; load average {r['load_average']}",
+        f"{'pipeline':<52}{'images/s':>10}{'per core (img/CPU-s)':>22}",
     ]
-    lines += [f"{name:<44}{a:>10.2f}{b:>22.2f}" if name.startswith("ratio") else f"{name:<44}{a:>10.1f}{b:>22.1f}"
+    lines += [f"{name:<52}{a:>10.2f}{b:>22.2f}" if name.startswith("ratio") else f"{name:<52}{a:>10.1f}{b:>22.1f}"
               for name, a, b in rows]
     return "\n".join(lines)

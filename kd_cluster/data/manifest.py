@@ -47,6 +47,8 @@ class Manifest:
     """Total samples over all shards."""
     shards: list[ShardInfo]
     """The shards, in writing order (their stable indices are contiguous and increasing)."""
+    reencode: dict[str, int] | None = None
+    """How the writer shrank large images (``max_side``, ``quality``, ``reencoded``: how many); None: bytes as given."""
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +73,7 @@ class Manifest:
                 }
                 for s in self.shards
             ],
-        }
+        } | ({"reencode": dict(self.reencode)} if self.reencode is not None else {})
 
 
 def manifest_from_json(url: str, doc: Any) -> Manifest:
@@ -108,6 +110,10 @@ def manifest_from_json(url: str, doc: Any) -> Manifest:
         ):
             raise bad(f"shard entry {i} must be {{'url': str, 'count': int >= 0, 'first_index': int}}, got {s!r}")
         shards.append(ShardInfo(url=resolve_url(base, s["url"]), count=s["count"], first_index=s["first_index"]))
+    reencode = doc.get("reencode")
+    if reencode is not None and not (isinstance(reencode, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in reencode.items())):
+        raise bad(f"reencode must be an object of integers (max_side, quality, reencoded), got {reencode!r}")
     total = sum(s.count for s in shards)
     if total != doc["num_samples"]:
         raise bad(f"num_samples is {doc['num_samples']} but the shard counts add up to {total}")
@@ -119,6 +125,7 @@ def manifest_from_json(url: str, doc: Any) -> Manifest:
         channels=doc["channels"],
         num_samples=total,
         shards=shards,
+        reencode=dict(reencode) if reencode is not None else None,
     )
 
 

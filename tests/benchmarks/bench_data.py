@@ -22,9 +22,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--size", type=int, default=224, help="output side length")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: number of cores)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-side", type=int, default=320, help="also on images re-encoded to this longer side (0: off)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = p.parse_args(argv)
-    result = run(n_images=args.images, size=args.size, workers=args.workers, batch_size=args.batch_size)
+    result = run(n_images=args.images, size=args.size, workers=args.workers, batch_size=args.batch_size,
+                 max_side=args.max_side or None)
     if args.json:
         print(json.dumps(result, indent=1))
     return result
