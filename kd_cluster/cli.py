@@ -32,7 +32,10 @@ def _load(job: str, overrides: list[str], check_data: str, profile: str | None =
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
+    from kd_cluster.train import check_here
+
     spec, plans = _load(a.job, a.overrides, "all" if a.check_remote else "local", a.profile)
+    check_here(plans, a.job)  # what this machine must have to train it (data.decode: gpu -> CUDA)
     t = Table(title=f"{a.job}: valid (run {spec.name!r})")
     for col in ("stage", "trains", "model", "method", "teacher", "steps", "batch", "workers"):
         t.add_column(col)
@@ -281,7 +284,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(a: argparse.Namespace) -> int:
-    from kd_cluster.data import build_imagefolder, build_mnist5k, build_torchvision
+    from kd_cluster.data import Reencode, build_imagefolder, build_mnist5k, build_torchvision
     from kd_cluster.storage import absolute, storage_options
 
     out = absolute(a.out)
@@ -292,18 +295,26 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
     if a.source != "mnist5k" and not a.root:
         err.print(f"error: --root is required for --source {a.source}")
         return EXIT_USER_ERROR
+    if a.quality is not None and a.max_side is None:
+        err.print("error: --quality sets the JPEG quality of images re-encoded by --max-side; give --max-side too")
+        return EXIT_USER_ERROR
+    reencode = Reencode(a.max_side, 90 if a.quality is None else a.quality) if a.max_side is not None else None
     if a.source == "mnist5k":
-        manifests = build_mnist5k(out, seed=a.seed, shard_size=a.shard_size or 250, storage_options=opts)
+        manifests = build_mnist5k(out, seed=a.seed, shard_size=a.shard_size or 250, storage_options=opts,
+                                  reencode=reencode)
     elif a.source.startswith("torchvision:"):
         manifests = build_torchvision(a.source.split(":", 1)[1], a.root, out, shard_size=a.shard_size or 1000,
-                                      storage_options=opts)
+                                      storage_options=opts, reencode=reencode)
     else:
-        manifests = build_imagefolder(a.root, out, shard_size=a.shard_size or 1000, seed=a.seed, storage_options=opts)
+        manifests = build_imagefolder(a.root, out, shard_size=a.shard_size or 1000, seed=a.seed, storage_options=opts,
+                                      reencode=reencode)
     t = Table(title=f"shards written to {out}")
-    for col in ("split", "samples", "shards", "classes", "manifest"):
+    for col in ("split", "samples", "shards", "classes", "re-encoded", "manifest"):
         t.add_column(col)
     for split, m in manifests.items():
-        t.add_row(split, str(m.num_samples), str(len(m.shards)), str(m.num_classes), m.url)
+        t.add_row(split, str(m.num_samples), str(len(m.shards)), str(m.num_classes),
+                  f"{m.reencode['reencoded']} (max side {m.reencode['max_side']}, quality {m.reencode['quality']})"
+                  if m.reencode else "-", m.url)
     console.print(t)
     return 0
 
@@ -311,9 +322,12 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
 def cmd_bench_data(a: argparse.Namespace) -> int:
     from kd_cluster.data.bench import run
 
-    kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers), ("size", a.size)) if v}
-    res = run(**kwargs)
+    kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers), ("size", a.size),
+                                ("rounds", a.rounds)) if v}
+    res = run(**kwargs, max_side=a.max_side or None, quality=a.quality)
     console.print_json(json.dumps(res, default=str))
+    if a.save:
+        Path(a.save).write_text(json.dumps(res, default=str, indent=1))
     return 0
 
 
@@ -348,7 +362,11 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
                          batch=a.batch or max(1, p.spec.data.batch_size // workers),
                          image_size=p.spec.data.image_size, channels=p.channels or 3,
                          num_classes=p.num_classes or 1000, steps=a.steps, threads=1,
-                         amp=p.spec.resources.amp, channels_last=p.spec.resources.channels_last)
+                         amp=p.spec.resources.amp, channels_last=p.spec.resources.channels_last,
+                         compile=p.spec.resources.compile)
+    if a.compile and not a.no_ray:
+        err.print("error: --compile measures uncompiled against compiled models in one process: add --no-ray")
+        return EXIT_USER_ERROR
     load0 = os.getloadavg()
     print(f"[{p.stage}] student {b.student}, teacher {b.teacher}, batch {b.batch} per worker, "
           f"{b.image_size} px, {a.steps} timed steps, 1 torch thread per process")
@@ -357,12 +375,21 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     rounds: dict = {}
     extra: dict = {}
     if a.no_ray:  # one process: student alone, teacher alone, and both on its one device, round by round
-        s_rates, t_rates, c_rates = [], [], []
+        import dataclasses
+
+        variants = (False, True) if a.compile else (b.compile,)
+        by = {v: {"student step alone": [], "teacher forward alone": [], "colocated": []} for v in variants}
         for _ in range(a.rounds):
-            s_rates.append(bench.student_rate(b))
-            t_rates.append(bench.teacher_rate(b))
-            c_rates.append(bench.colocated_rate(b))
-        rounds = {"colocated (1 worker, teacher on its device)": c_rates}
+            for v in variants:
+                bv = dataclasses.replace(b, compile=v)
+                by[v]["student step alone"].append(bench.student_rate(bv))
+                by[v]["teacher forward alone"].append(bench.teacher_rate(bv))
+                by[v]["colocated"].append(bench.colocated_rate(bv))
+        first = by[variants[0]]
+        s_rates, t_rates = first["student step alone"], first["teacher forward alone"]
+        rounds = {"colocated (1 worker, teacher on its device)": first["colocated"]}
+        if a.compile:
+            extra["compile"] = bench.summarize_compile(by[False], by[True])
     else:  # every figure measured on the cluster, round by round
         from kd_cluster.cluster import ensure_ray
         from kd_cluster.cluster.teacher_pool import bench_teacher_ray
@@ -376,6 +403,87 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     print(bench.format_table(res))
     if a.json:
         print(json.dumps(res))
+    if a.save:
+        Path(a.save).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def _plan_rates(a: argparse.Namespace, p: Any) -> tuple[dict[str, float | None], list[str]]:
+    """Student, teacher and colocated rates: given (--rates), from a `bench teacher --save` file, or measured here."""
+    notes = []
+    if a.rates:
+        try:
+            vals = [float(v) for v in a.rates.split(",")]
+        except ValueError:
+            vals = []
+        if len(vals) not in (2, 3):
+            raise ValueError(f"--rates {a.rates!r}: give S,T or S,T,C (images/s per GPU: student step, teacher "
+                             "forward, both colocated)")
+        return {"student": vals[0], "teacher": vals[1], "colocated": vals[2] if len(vals) == 3 else None}, notes
+    if a.bench:
+        try:
+            res = json.loads(Path(a.bench).read_text())
+            colocated = next((v for k, v in res.get("medians", {}).items() if k.startswith("colocated")), None)
+            return {"student": float(res["student_rate"]), "teacher": float(res["teacher_rate"]),
+                    "colocated": colocated}, notes
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--bench {a.bench}: not a `kd-cluster bench teacher --save` result ({exc})") from None
+    from kd_cluster.teacher import bench
+
+    b = bench.BenchSetup(student=p.arch, teacher=p.teacher.members[0].arch,
+                         batch=max(1, p.spec.data.batch_size // p.spec.resources.num_workers),
+                         image_size=p.spec.data.image_size, channels=p.channels or 3, num_classes=p.num_classes or 1000,
+                         steps=a.measure_steps, warmup=3, amp=p.spec.resources.amp,
+                         channels_last=p.spec.resources.channels_last, compile=p.spec.resources.compile)
+    dev = "cuda" if bench.torch.cuda.is_available() else "cpu"
+    notes.append(f"rates measured here on the {dev} ({a.measure_steps} steps each; `bench teacher --save` on the "
+                 "GPU machine gives steadier ones)")
+    return {"student": bench.student_rate(b), "teacher": bench.teacher_rate(b), "colocated": bench.colocated_rate(b)}, notes
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from kd_cluster.config import load_job
+    from kd_cluster.data import load_manifest
+    from kd_cluster.teacher import planner
+    from kd_cluster.train import plan_job
+
+    spec = load_job(a.job, a.overrides, a.profile)
+    plans = [p for p in plan_job(spec, str(a.job), check_data="local") if p.teacher is not None]
+    if not plans:
+        err.print(f"error: {a.job}: no stage of this job uses a teacher; every GPU runs a training worker")
+        return EXIT_USER_ERROR
+    p = plans[-1]  # the distillation stage
+    decode = p.spec.data.decode
+    try:
+        rates, notes = _plan_rates(a, p)
+        per_core = planner.DEFAULT_DECODE_PER_CORE[decode]
+        if a.data_bench:
+            key = "trainstream_img_per_cpu_s" if decode == "cpu" else "gpu_loader_img_per_cpu_s"
+            try:
+                per_core = float(json.loads(Path(a.data_bench).read_text())[key])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--data-bench {a.data_bench}: not a `kd-cluster bench data --save` result with "
+                                 f"{key!r} ({exc})") from None
+        else:
+            notes.append(f"loader rate per core: this project's `bench data` figure for {decode} decode (give "
+                         "--data-bench with your own)")
+        r = planner.Rates(**rates, gpu_decode=a.gpu_decode_rate, decode_per_core=per_core)
+        samples = a.samples
+        if samples is None:
+            try:
+                samples = load_manifest(p.train_manifest).num_samples
+            except Exception:  # noqa: BLE001 - a remote manifest we may not reach from here: epoch time unknown
+                samples = None
+        result = planner.plan(r, a.gpus, decode=decode, cpus=a.cpus, samples=samples)
+    except ValueError as exc:
+        err.print(f"error: {exc}")
+        return EXIT_USER_ERROR
+    result.notes = notes + result.notes
+    print(f"[{p.stage}] student {p.arch}, teacher {p.teacher_arch}, {p.spec.data.image_size} px, "
+          f"batch {p.spec.data.batch_size}")
+    print(planner.format_plan(result))
+    if a.json:
+        print(json.dumps(result.as_dict()))
     return 0
 
 
@@ -495,14 +603,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    b.add_argument("--max-side", type=int, default=None, metavar="N", help="re-encode images whose longer side "
+                   "exceeds N pixels to N (lighter shards, faster decoding; recorded in the manifest); default: off")
+    b.add_argument("--quality", type=int, default=None, metavar="Q", help="JPEG quality of the re-encoded images "
+                   "(1-100, default 90; with --max-side)")
     b.set_defaults(fn=cmd_shards_build)
 
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench_command", required=True)
-    bd = bsub.add_parser("data", help="shard stream vs ImageFolder+DataLoader, images/s per core")
+    bd = bsub.add_parser("data", help="shard stream vs ImageFolder+DataLoader, images/s per core, on originals and "
+                         "on re-encoded (--max-side) images")
     bd.add_argument("--images", type=int, default=None)
     bd.add_argument("--workers", type=int, default=None)
     bd.add_argument("--size", type=int, default=None, help="output crop size (default 224)")
+    bd.add_argument("--rounds", type=int, default=None, help="alternating timed rounds (default 5; medians)")
+    bd.add_argument("--max-side", type=int, default=320, metavar="N", help="also time both loaders on the images "
+                    "re-encoded to longer side N, as `shards build --max-side N` writes them (0: off; default 320)")
+    bd.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
+    bd.add_argument("--save", default=None, metavar="FILE", help="also write the result as JSON (for kd-cluster plan)")
     bd.set_defaults(fn=cmd_bench_data)
     bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
     bc.add_argument("--arch", default="resnet50")
@@ -526,8 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--replicas", type=int, default=1, help="teacher actors (1 CPU each) in the actors configuration")
     bt.add_argument("--prefetch", type=int, nargs="+", default=[0, 1, 2])
     bt.add_argument("--no-ray", action="store_true", help="student, teacher and colocated rates only, in this process")
+    bt.add_argument("--compile", action="store_true", help="with --no-ray: each figure uncompiled and with "
+                    "torch.compile, side by side in every round (the table's main rows are the uncompiled ones)")
     bt.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     bt.add_argument("--json", action="store_true")
+    bt.add_argument("--save", default=None, metavar="FILE", help="also write the result as JSON (for kd-cluster plan)")
     bt.set_defaults(fn=cmd_bench_teacher)
 
     te = sub.add_parser("teacher", help="teacher tools")
@@ -550,6 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:'")
     tl.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     tl.set_defaults(fn=cmd_teacher_label)
+
+    pl = sub.add_parser("plan", help="split N GPUs between training workers and teacher actors for the highest "
+                        "images/s, from measured student and teacher rates")
+    pl.add_argument("job", type=Path)
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.decode=gpu")
+    pl.add_argument("--profile", default=None)
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs to use in all")
+    pl.add_argument("--rates", default=None, metavar="S,T[,C]", help="images/s of one GPU: student step alone, "
+                    "teacher forward alone, and (optional) both colocated")
+    pl.add_argument("--bench", default=None, metavar="FILE", help="a `kd-cluster bench teacher JOB --no-ray --save "
+                    "FILE` result (default without --rates: measure here, briefly)")
+    pl.add_argument("--data-bench", default=None, metavar="FILE", help="a `kd-cluster bench data --save FILE` "
+                    "result: images per loader core")
+    pl.add_argument("--gpu-decode-rate", type=float, default=None, metavar="G", help="images/s one GPU decodes "
+                    "(data.decode: gpu; from tests/gpu/run.sh)")
+    pl.add_argument("--cpus", type=int, default=None, help="CPU cores for the loaders in all (caps the rate)")
+    pl.add_argument("--samples", type=int, default=None, help="images per epoch (default: the train manifest's)")
+    pl.add_argument("--measure-steps", type=int, default=10, help="timed steps when measuring here")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
 
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
     sc.set_defaults(fn=cmd_schema)

@@ -55,3 +55,18 @@ def test_schema_is_json_with_descriptions() -> None:
 def test_run_unknown_job_file_exit_2(tmp_path: Path) -> None:
     r = cli("run", str(tmp_path / "missing.yaml"), "--no-ray")
     assert r.returncode == 2 and "file not found" in r.stderr
+
+
+def test_shards_build_max_side(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        d = tmp_path / "tree" / split / "c0"
+        d.mkdir(parents=True)
+        for i, size in enumerate(((500, 375), (100, 80))):
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
+    r = cli("shards", "build", "--source", "imagefolder", "--root", str(tmp_path / "tree"), "--out",
+            str(tmp_path / "out"), "--max-side", "320", "--quality", "80")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(str(tmp_path / "out" / "train")).reencode == {"max_side": 320, "quality": 80, "reencoded": 1}
+    r = cli("shards", "build", "--source", "mnist5k", "--out", str(tmp_path / "o2"), "--quality", "80")
+    assert r.returncode == 2 and "--max-side" in r.stderr and "Traceback" not in r.stderr

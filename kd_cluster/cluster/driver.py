@@ -14,7 +14,7 @@ from typing import Any
 
 from kd_cluster.config import JobSpec
 from kd_cluster.storage import Store, absolute, is_remote, join, storage_options
-from kd_cluster.train import LocalSession, StagePlan, plan_job, run_stage, stage_done
+from kd_cluster.train import LocalSession, StagePlan, check_here, plan_job, run_stage, stage_done
 
 
 class StageFailed(RuntimeError):
@@ -163,6 +163,8 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
     """Run every unfinished stage of a job in order; a re-run resumes the unfinished stage."""
     t0 = time.perf_counter()
     plans = plan_job(spec, source, check_data="all")
+    if not use_ray or not (address or os.environ.get("RAY_ADDRESS")):
+        check_here(plans, source)  # the stages train on this machine
     save_resolved_spec(spec, source)
     result = JobResult(run=spec.name)
     for plan in plans:

@@ -153,6 +153,12 @@ class DataSpec(Strict):
                                      "(credentials always come from the environment).")
     normalize: NormalizeSpec | None = Field(None, description="Input normalisation; default ImageNet "
                                             "statistics for RGB, mean 0.5 / std 0.5 for grayscale.")
+    decode: Literal["cpu", "gpu"] = Field("cpu", description="Where training images are decoded. 'cpu': in the "
+                                          "loader processes. 'gpu': loader processes read the bytes and draw each "
+                                          "sample's crop and flip; the training worker decodes the batch on its GPU "
+                                          "(nvImageCodec, the 'gpu' extra) and crops, resizes and flips there. "
+                                          "Grayscale and PNG samples are decoded on the CPU. Needs CUDA where the "
+                                          "job trains and resources.use_gpu.")
 
 
 class AugmentSpec(Strict):
@@ -257,6 +263,8 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (Ray resources).")
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU).")
     channels_last: bool = Field(False, description="channels_last memory format on GPU.")
+    compile: bool = Field(False, description="torch.compile the student and a colocated or actor teacher; when "
+                          "compilation fails, one warning and the model runs uncompiled.")
 
 
 class FaultToleranceSpec(Strict):

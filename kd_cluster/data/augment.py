@@ -189,7 +189,8 @@ def render_views(data: bytes, views: Sequence[ViewParams], params: AugmentParams
         img.draft(mode, request)
     if img.size[0] != width:  # decoded at a reduced scale (DCT-domain downscaling)
         f = img.size[0] / width
-        boxes = [(b[0] * f, b[1] * f, b[2] * f, b[3] * f) for b in boxes]
+        # the reduced sides are rounded up separately, so f can overshoot the height by a fraction of a pixel
+        boxes = [(b[0] * f, b[1] * f, b[2] * f, min(b[3] * f, img.size[1])) for b in boxes]
     if img.mode not in ("L", "RGB"):
         img = img.convert(mode)  # palette, alpha, CMYK, 16-bit: normalise before resampling
     size = (params.image_size, params.image_size)

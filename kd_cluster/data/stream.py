@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ._util import SeedTag, seeded_rng
 from .augment import AugmentParams, check_views, decode_views, render_views
 from .errors import DataError
+from .gpu_decode import GpuBatchBuilder
 from .manifest import Manifest
 from .shards import RawSample, read_shard
 from .soft_labels import StoredViews
@@ -109,7 +110,7 @@ class _ShardCache:
 
 def _decode_batch(
     items: Sequence[_Item], views: Sequence[str], augment: AugmentParams, manifest: Manifest,
-    stored: StoredViews | None = None,
+    stored: StoredViews | None = None, decode: str = "cpu",
 ) -> Batch:
     n_items = len(items)
     shape = (n_items, augment.channels, augment.image_size, augment.image_size)
@@ -121,6 +122,7 @@ def _decode_batch(
         soft_c = np.empty((n_items, stored.top_k), dtype=np.int64)
     keys: list[str] = []
     n = 0
+    gpu = GpuBatchBuilder(views, augment) if decode == "gpu" else None  # colour JPEGs: shipped encoded
     for shard_pos, pos, sample, seed_parts in items:
         if sample is None:
             continue
@@ -133,12 +135,14 @@ def _decode_batch(
             if data is None:
                 raise KeyError(f"no image member (one of {_IMAGE_KEYS})")
             if stored is None:
-                decode_views(data, views, augment, seed_parts, [im[n] for im in images])
+                if gpu is None or not gpu.take(n, data, seed_parts):
+                    decode_views(data, views, augment, seed_parts, [im[n] for im in images])
             else:  # replay the crop the teacher labelled; seed_parts = (seed, pass, shard, position)
                 view = stored.view(manifest.shards[shard_pos], shard_pos, pos, index, seed_parts[1])
                 if view is None:
                     raise ValueError("not labelled (it could not be decoded when the labels were made)")
-                render_views(data, [view.params], augment, [images[0][n]])
+                if gpu is None or not gpu.take(n, data, seed_parts, [view.params]):
+                    render_views(data, [view.params], augment, [images[0][n]])
                 soft_p[n], soft_c[n] = view.probs, view.classes
         except DataError:
             raise  # labels that do not belong to this data: not a damaged sample
@@ -166,6 +170,8 @@ def _decode_batch(
     if stored is not None:
         batch["soft_probs"] = torch.from_numpy(soft_p[:n])
         batch["soft_classes"] = torch.from_numpy(soft_c[:n])
+    if gpu is not None:
+        batch["gpu_views"] = gpu.result()
     return batch
 
 
@@ -181,7 +187,10 @@ class TrainStream(IterableDataset):
     With ``stored`` (soft labels), each sample's ``"aug"`` view is not drawn but replayed from the labels (one of
     their K views, picked per pass), and the batch carries the teacher's stored top-N as ``"soft_probs"``
     (float16 ``[B, N]``) and ``"soft_classes"`` (int64 ``[B, N]``).
-    See the module docstring for the determinism contract.
+    See the module docstring for the determinism contract. ``decode="gpu"``: colour JPEGs are not decoded here;
+    their bytes and views (drawn, or replayed from stored labels) travel as ``"gpu_views"``
+    (:class:`~kd_cluster.data.gpu_decode.EncodedViews`) and their rows of the images are filled by
+    :class:`~kd_cluster.data.gpu_decode.GpuDecoder` on the device.
     """
 
     def __init__(
@@ -198,9 +207,12 @@ class TrainStream(IterableDataset):
         views: tuple[str, ...] = ("aug",),
         storage_options: dict[str, Any] | None = None,
         stored: StoredViews | None = None,
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         _check_placement(manifest, batch_size, rank, world_size)
+        if decode not in ("cpu", "gpu"):
+            raise DataError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
         if stored is not None:
             if tuple(views) != ("aug",):
                 raise DataError(f"{manifest.url}: a stream over stored labels has one view ('aug'), got {views!r}")
@@ -218,6 +230,7 @@ class TrainStream(IterableDataset):
         self.augment = augment
         self.views = check_views(views)
         self.storage_options = storage_options
+        self.decode = decode
         n_shards = len(manifest.shards)
         if n_shards < self.num_splits:
             raise DataError(
@@ -275,7 +288,7 @@ class TrainStream(IterableDataset):
             for _ in range(self.batch_size):
                 epoch, j, p = next(positions)
                 items.append((j, p, cache.get(j)[p], (self.seed, epoch, j, p)))
-            batch = _decode_batch(items, self.views, self.augment, self.manifest, self.stored)
+            batch = _decode_batch(items, self.views, self.augment, self.manifest, self.stored, self.decode)
             batch["step"] = k * w + v
             yield batch
             k += 1

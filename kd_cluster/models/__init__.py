@@ -10,7 +10,8 @@ This package imports neither ray nor wandb nor any other kd_cluster package.
 
 from kd_cluster.models.cifar import CIFAR_MODELS
 from kd_cluster.models.errors import ModelError
-from kd_cluster.models.runtime import Normalizer, default_normalization, keep_freed_memory
+from kd_cluster.models.runtime import (CompiledModule, Normalizer, default_normalization, keep_freed_memory,
+                                      maybe_compile)
 from kd_cluster.models.registry import available_models, build_model, check_model_name, count_parameters
 from kd_cluster.models.small import SMALL_MODELS, SmallCNN
 from kd_cluster.models.taps import TappedModel, check_taps, feature_node_names
@@ -18,6 +19,7 @@ from kd_cluster.models.weights import load_weights, save_weights, weights_sha256
 
 __all__ = [
     "CIFAR_MODELS",
+    "CompiledModule",
     "SMALL_MODELS",
     "ModelError",
     "Normalizer",
@@ -32,6 +34,7 @@ __all__ = [
     "feature_node_names",
     "keep_freed_memory",
     "load_weights",
+    "maybe_compile",
     "save_weights",
     "weights_sha256",
 ]

@@ -1,5 +1,9 @@
 """What every process that runs a model needs, whatever it is (training worker, teacher actor, benchmark):
-input normalisation on the device, and the allocator settings of the process.
+input normalisation on the device, the allocator settings of the process, and compilation.
+
+:class:`CompiledModule` runs a module through ``torch.compile`` (``resources.compile``) and, when compilation
+fails (no C++ compiler for the CPU backend, an operator the compiler cannot take, ...), warns once and runs the
+module as it is from then on: a speed setting never stops a run.
 
 :class:`Normalizer` turns the uint8 batches the loaders ship into normalised floats on the device (the loader
 never builds float pixels); :func:`default_normalization` gives the statistics a job did not set.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +69,42 @@ class Normalizer(nn.Module):
         return ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=self.fmt)
 
 
+class CompiledModule(nn.Module):
+    """``module`` through ``torch.compile``; the first failure warns once and falls back to ``module`` itself.
+
+    Parameters, buffers and the train/eval mode are ``module``'s own (the compiled callable is not a registered
+    child, so ``state_dict`` keys are those of ``module`` prefixed by ``module.``; checkpoints save ``module``).
+    A failure is caught where compilation happens, at a forward call; a backward graph that fails to compile
+    later, in the backward pass, is not caught here. ``backend`` defaults to ``KD_CLUSTER_COMPILE_BACKEND`` from the
+    environment, else ``inductor`` (``eager`` traces without generating code: quick checks of the compile path).
+    """
+
+    def __init__(self, module: nn.Module, what: str, backend: Any = None) -> None:
+        super().__init__()
+        self.module = module
+        self.what = what
+        backend = backend or os.environ.get("KD_CLUSTER_COMPILE_BACKEND", "inductor")
+        self.__dict__["_compiled"] = torch.compile(module, backend=backend)
+        self.failed = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.__dict__["_compiled"](*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the module runs uncompiled instead
+                self.failed = True
+                cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
+                reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+                warnings.warn(f"torch.compile of the {self.what} failed ({reason}); "
+                              f"the {self.what} runs uncompiled", RuntimeWarning, stacklevel=2)
+        return self.module(*args, **kwargs)
+
+
+def maybe_compile(module: nn.Module, enabled: bool, what: str) -> nn.Module:
+    """``CompiledModule(module)`` when ``enabled``, else ``module``."""
+    return CompiledModule(module, what) if enabled else module
+
+
 def default_normalization(channels: int) -> tuple[list[float], list[float]]:
     """ImageNet statistics for RGB, 0.5/0.5 for grayscale."""
     if channels == 3:
@@ -70,4 +112,4 @@ def default_normalization(channels: int) -> tuple[list[float], list[float]]:
     return [0.5] * channels, [0.5] * channels
 
 
-__all__ = ["Normalizer", "default_normalization", "keep_freed_memory"]
+__all__ = ["CompiledModule", "Normalizer", "default_normalization", "keep_freed_memory", "maybe_compile"]

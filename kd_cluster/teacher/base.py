@@ -107,6 +107,8 @@ class TeacherPlan:
     method_params: dict[str, Any] = field(default_factory=dict)
     amp: bool = True
     channels_last: bool = False
+    compile: bool = False
+    """torch.compile the teacher's networks (``resources.compile``)."""
     prefetch: int = 1
     max_in_flight: int = 4
     request_timeout_s: float = 120.0

@@ -43,12 +43,13 @@ class BenchSetup:
     threads: int = 1
     amp: bool = True  # on a GPU, as the job's resources say: bf16 autocast, channels-last memory
     channels_last: bool = True
+    compile: bool = False  # torch.compile student and teacher (compilation happens in the untimed warm-up steps)
 
     def server_config(self) -> ServerConfig:
         mean, std = [0.5] * self.channels, [0.25] * self.channels
         return ServerConfig(arch=self.teacher, num_classes=self.num_classes, channels=self.channels, weights=None,
                             endpoint_url=None, taps=(), mean=mean, std=std, method_name="funmatch", amp=self.amp,
-                            channels_last=self.channels_last)
+                            channels_last=self.channels_last, compile=self.compile)
 
 
 def _device() -> torch.device:
@@ -67,7 +68,7 @@ class _Student:
     def __init__(self, b: BenchSetup, device: torch.device) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from kd_cluster.models import build_model
+        from kd_cluster.models import build_model, maybe_compile
         from kd_cluster.train.loop import Normalizer
 
         on_gpu = device.type == "cuda"
@@ -76,6 +77,7 @@ class _Student:
         self.model = build_model(b.student, num_classes=b.num_classes, in_chans=b.channels).to(device, memory_format=fmt)
         if _world() > 1:  # as in a run: the student's gradients are all-reduced every step
             self.model = DDP(self.model, device_ids=[device.index] if on_gpu else None)
+        self.fwd = maybe_compile(self.model, b.compile, "student")
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.norm = Normalizer([0.5] * b.channels, [0.25] * b.channels, channels_last).to(device)
         self.ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu and b.amp else contextlib.nullcontext
@@ -86,7 +88,7 @@ class _Student:
 
     def step(self, x: torch.Tensor, t_logits: torch.Tensor | None) -> None:
         with self.ctx():
-            s = self.model(x).float()
+            s = self.fwd(x).float()
         loss = (F.kl_div(F.log_softmax(s, 1), F.log_softmax(t_logits, 1), reduction="batchmean", log_target=True)
                 if t_logits is not None else s.logsumexp(1).mean())
         self.opt.zero_grad(set_to_none=True)
@@ -205,6 +207,14 @@ def summarize(rounds: dict[str, list[float]], s_rate: float, t_rate: float) -> d
             "separate_teacher_ceiling": min(s_rate, t_rate) if s_rate and t_rate else None}
 
 
+def summarize_compile(eager: dict[str, list[float]], compiled: dict[str, list[float]]) -> dict[str, Any]:
+    """Per figure (student, teacher, colocated): median images/s uncompiled and compiled, and the median of the
+    per-round ratios compiled / uncompiled (both measured in the same round)."""
+    return {k: {"eager": statistics.median(eager[k]), "compiled": statistics.median(compiled[k]),
+                "ratio": statistics.median(c / e for c, e in zip(compiled[k], eager[k], strict=True)),
+                "rounds_eager": eager[k], "rounds_compiled": compiled[k]} for k in eager}
+
+
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"{'configuration':<50} {'images/s':>10} {'vs colocated':>13}"]
     lines.append(f"{'student step alone (1 worker)':<50} {res['student_rate']:>10.1f}")
@@ -228,9 +238,15 @@ def format_table(res: dict[str, Any]) -> str:
         if "up_bytes_per_image" in m:
             lines.append(f"bytes per image: {m['up_bytes_per_image']:.1f} up (uint8 crops), "
                          f"{m['down_bytes_per_image']:.1f} down (teacher outputs)")
+    comp = res.get("compile")
+    if comp:
+        lines.append(f"{'torch.compile (same rounds)':<40} {'uncompiled':>11} {'compiled':>10} {'ratio':>7}")
+        for k, v in comp.items():
+            lines.append(f"{k:<40} {v['eager']:>11.1f} {v['compiled']:>10.1f} {v['ratio']:>6.2f}x")
     if "load" in res:
         lines.append(f"load average before / after: {res['load']}")
     return "\n".join(lines)
 
 
-__all__ = ["BenchSetup", "actors_rate", "colocated_rate", "format_table", "student_rate", "summarize", "teacher_rate"]
+__all__ = ["BenchSetup", "actors_rate", "colocated_rate", "format_table", "student_rate", "summarize",
+           "summarize_compile", "teacher_rate"]

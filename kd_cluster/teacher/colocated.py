@@ -16,17 +16,19 @@ class ColocatedTeacher(Teacher):
     """A frozen teacher on the training worker's own device: eval mode, no grad, optional autocast.
 
     With ``taps`` the model is wrapped in :class:`~kd_cluster.models.TappedModel` and ``__call__``
-    returns the named features the method asked for along with the logits.
+    returns the named features the method asked for along with the logits. ``compile``: through
+    :class:`~kd_cluster.models.CompiledModule`.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, taps: Sequence[str] = ()) -> None:
-        if taps:
-            from kd_cluster.models import TappedModel
+                 channels_last: bool = False, taps: Sequence[str] = (), compile: bool = False) -> None:
+        from kd_cluster.models import TappedModel, maybe_compile
 
+        if taps:
             model = TappedModel(model, taps)
         model.eval().requires_grad_(False)
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.model = maybe_compile(model, compile, "teacher")
         self.device = device
         self.amp_dtype = amp_dtype
         self.taps = tuple(taps)
@@ -52,7 +54,7 @@ class ColocatedTeacher(Teacher):
 
 
 def load_member(member: MemberPlan, plan: TeacherPlan, device: torch.device, amp: torch.dtype | None,
-                channels_last: bool) -> ColocatedTeacher:
+                channels_last: bool, compile: bool = False) -> ColocatedTeacher:
     """Build one member's network, load its weights and freeze it on ``device``."""
     from kd_cluster.models import build_model, load_weights
     from kd_cluster.storage import storage_options
@@ -60,12 +62,12 @@ def load_member(member: MemberPlan, plan: TeacherPlan, device: torch.device, amp
     model = build_model(member.arch, num_classes=plan.num_classes, in_chans=plan.channels)
     if member.weights:
         load_weights(model, member.weights, storage_options=storage_options(member.weights, plan.endpoint_url))
-    return ColocatedTeacher(model, device, amp, channels_last, taps=member.taps)
+    return ColocatedTeacher(model, device, amp, channels_last, taps=member.taps, compile=compile)
 
 
 def build_colocated(plan: TeacherPlan, ctx: TeacherContext, member: MemberPlan) -> Teacher:
     """The builder of ``placement: colocated`` (one member; ensembles combine several)."""
-    return load_member(member, plan, ctx.device, ctx.amp, ctx.channels_last)
+    return load_member(member, plan, ctx.device, ctx.amp, ctx.channels_last, plan.compile)
 
 
 __all__ = ["ColocatedTeacher", "build_colocated", "load_member"]

@@ -113,6 +113,7 @@ class ServerConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False
 
 
 def server_config(plan: TeacherPlan, member: MemberPlan) -> ServerConfig:
@@ -120,7 +121,8 @@ def server_config(plan: TeacherPlan, member: MemberPlan) -> ServerConfig:
     return ServerConfig(arch=member.arch, num_classes=plan.num_classes, channels=plan.channels,
                         weights=member.weights, endpoint_url=plan.endpoint_url, taps=member.taps,
                         mean=list(plan.mean), std=list(plan.std), method_name=plan.method_name,
-                        method_params=dict(plan.method_params), amp=plan.amp, channels_last=plan.channels_last)
+                        method_params=dict(plan.method_params), amp=plan.amp, channels_last=plan.channels_last,
+                        compile=plan.compile)
 
 
 def build_server(cfg: ServerConfig, device: torch.device | None = None, model: nn.Module | None = None) -> TeacherServer:
@@ -138,7 +140,7 @@ def build_server(cfg: ServerConfig, device: torch.device | None = None, model: n
             load_weights(model, cfg.weights, storage_options=storage_options(cfg.weights, cfg.endpoint_url))
     amp = torch.bfloat16 if (on_gpu and cfg.amp) else None
     channels_last = on_gpu and cfg.channels_last
-    teacher = ColocatedTeacher(model, device, amp, channels_last, taps=cfg.taps)
+    teacher = ColocatedTeacher(model, device, amp, channels_last, taps=cfg.taps, compile=cfg.compile)
     method = build_method(cfg.method_name, cfg.method_params)
     expand = method.expand if type(method).expand is not Method.expand else None
     return TeacherServer(teacher, Normalizer(cfg.mean, cfg.std, channels_last), expand)

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kd_cluster.data import (AugmentParams, EvalStream, TrainStream, close_loader, load_manifest, make_eval_loader,
-                             make_train_loader, mixup, mixup_lambda, start_workers)
+from kd_cluster.data import (AugmentParams, DataError, EvalStream, TrainStream, close_loader, load_manifest,
+                             make_eval_loader, make_train_loader, mixup, mixup_lambda, start_workers)
+from kd_cluster.data.gpu_decode import GpuDecoder, NvImageCodecDecoder
 from kd_cluster.methods import Method, SetupInfo, StepOutputs, build_method
 from kd_cluster.models import (Normalizer, TappedModel, build_model, default_normalization, keep_freed_memory,
-                               load_weights, save_weights)
+                               load_weights, maybe_compile, save_weights)
 from kd_cluster.optim import build_optimizer, build_schedule, milestone_steps, optimizer_step
 from kd_cluster.storage import CheckpointStore, Store, storage_options
 from kd_cluster.teacher import StepInput, Teacher, TeacherContext, TeacherView, build_teacher
@@ -285,7 +286,9 @@ class StageRunner:
         self.net: nn.Module | None = None
         if self.plan.needs.student:
             on_gpu = self.device.type == "cuda"
-            self.net = DDP(self.model, device_ids=[self.device.index] if on_gpu else None) if world > 1 else self.model
+            # the training forward may be compiled; checkpoints, evaluation and the published weights use self.model
+            fwd = maybe_compile(self.model, self.spec.resources.compile, "student")
+            self.net = DDP(fwd, device_ids=[self.device.index] if on_gpu else None) if world > 1 else fwd
 
     def _build_data(self) -> None:
         """Normalisation, the train stream from the restored step, the persistent eval loader; every loader
@@ -300,10 +303,12 @@ class StageRunner:
                             eval_resize_ratio=spec.augment.eval_resize_ratio, channels=plan.channels)
         per_rank = spec.data.batch_size // world
         views = self.teacher.train_views(plan.needs.teacher_view) if self.teacher is not None else ("aug",)
+        decoder = self._gpu_decoder(aug) if spec.data.decode == "gpu" else None
         stream = TrainStream(self.train_manifest, batch_size=per_rank, seed=spec.seed, rank=rank, world_size=world,
                              num_workers=spec.data.loader_workers, start_step=self.start_step, augment=aug,
                              views=views, storage_options=self.opts,
-                             stored=self.teacher.view_source if self.teacher is not None else None)
+                             stored=self.teacher.view_source if self.teacher is not None else None,
+                             decode=spec.data.decode)
         loader = iter(make_train_loader(stream, num_workers=spec.data.loader_workers,
                                         pin_memory=self.device.type == "cuda"))
         self.cleanup.callback(close_loader, loader)
@@ -315,9 +320,22 @@ class StageRunner:
             self.ev_loader = make_eval_loader(ev, num_workers=min(1, spec.data.loader_workers))
             self.cleanup.callback(close_loader, self.ev_loader)
             start_workers(self.ev_loader)
+        if decoder is not None:  # decode: gpu - the batch's JPEGs decoded and cropped on the device, before any use
+            loader = decoder.wrap(loader)
         if self.teacher is not None:  # e.g. requests of the next teacher.prefetch steps in flight
             loader = self.teacher.feed(loader, self.lam)
         self.data = DataFeed(loader)
+
+    def _gpu_decoder(self, aug: AugmentParams) -> GpuDecoder:
+        """The device-side decode step of ``data.decode: gpu`` (nvImageCodec on this worker's GPU, or the
+        session's stand-in decoder)."""
+        decode = getattr(self.session, "window_decoder", None)
+        if decode is None:
+            if self.device.type != "cuda":
+                raise DataError(f"data.decode: 'gpu' needs a CUDA device, and this training worker runs on "
+                                f"{self.device}; set resources.use_gpu: true on GPU workers, or data.decode: cpu")
+            decode = NvImageCodecDecoder(self.device)
+        return GpuDecoder(self.device, aug, decode)
 
     def _build_components(self) -> None:
         plan, sched = self.plan, self.spec.schedule

@@ -200,7 +200,7 @@ def _teacher_plan(eff: JobSpec, needs: Needs, members: list[MemberPlan], num_cla
         placement=placement, members=tuple(members), view=needs.teacher_view, num_classes=num_classes,
         channels=channels, mean=tuple(mean), std=tuple(std), endpoint_url=eff.storage.endpoint_url,
         method_name=eff.method.name, method_params=eff.method.params(), amp=eff.resources.amp,
-        channels_last=eff.resources.channels_last, prefetch=t.prefetch, max_in_flight=t.max_in_flight,
+        channels_last=eff.resources.channels_last, compile=eff.resources.compile, prefetch=t.prefetch, max_in_flight=t.max_in_flight,
         request_timeout_s=t.request_timeout_s, max_retries=t.max_retries, max_restarts=t.max_restarts,
         labels=labels, label_expect=expect or {}, seed=eff.seed)
 
@@ -339,6 +339,18 @@ def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str,
     return join(root, ref, "labels")
 
 
+def check_here(plans: list[StagePlan], source: str) -> None:
+    """Rules that depend on the machine the stages train on, for a job that trains on this one (``validate``,
+    ``run`` without a cluster address): ``data.decode: gpu`` needs CUDA and nvImageCodec here."""
+    from kd_cluster.data.gpu_decode import cuda_problem
+
+    gpu = [p.stage for p in plans if p.spec.data.decode == "gpu"]
+    problem = cuda_problem() if gpu else None
+    if problem:
+        where = "" if len(gpu) == len(plans) else f" (stages {', '.join(gpu)})"
+        raise SpecError(source, [problem + where])
+
+
 def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "all"] = "all") -> list[StagePlan]:
     """Check a job against the registries and its data; return one plan per stage."""
     problems: list[str] = []
@@ -383,6 +395,9 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
         method_init = (_resolve_weights(init, f"{at}method.init", list(trained_by), root, problems, METHOD_ARTIFACT)
                        if isinstance(init, str) else None)
 
+        if eff.data.decode == "gpu" and not eff.resources.use_gpu:
+            problems.append(f"{at}data.decode: 'gpu' decodes on the training workers' GPUs; set resources.use_gpu: "
+                            "true (or data.decode: cpu)")
         train_m, val_m, total = _stage_data(eff, at, check_data, problems, opened)
         labels = _stored_labels(eff, at, trained_by, root, problems) if members else None
         expect = _label_expect(eff, members, train_m) if labels and members else None
@@ -409,4 +424,4 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     return plans
 
 
-__all__ = ["METHOD_ARTIFACT", "STAGE_REF", "StagePlan", "plan_job"]
+__all__ = ["METHOD_ARTIFACT", "STAGE_REF", "StagePlan", "check_here", "plan_job"]

@@ -8,7 +8,7 @@ process, no Ray) is here; the Ray Train session lives in ``kd_cluster.cluster``.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -30,10 +30,16 @@ class Session(Protocol):
 
 
 class LocalSession:
-    """A single process without Ray; SIGTERM raises the preemption flag."""
+    """A single process without Ray; SIGTERM raises the preemption flag.
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    ``window_decoder``: a stand-in for the GPU decoder of ``data.decode: gpu``
+    (:data:`~kd_cluster.data.gpu_decode.Decode`, e.g. ``pil_window_decode``), so that path runs on a machine
+    without CUDA (tests, ``tests/gpu/run.sh --cpu-smoke``); None: nvImageCodec on the CUDA device.
+    """
+
+    def __init__(self, device: torch.device | None = None, window_decoder: Any = None) -> None:
         self.rank, self.world_size = 0, 1
+        self.window_decoder = window_decoder
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.interactive = sys.stderr.isatty()
         self.preemption = PreemptionFlag()
