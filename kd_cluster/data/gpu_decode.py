@@ -212,7 +212,11 @@ class NvImageCodecDecoder:
                    for d, w in zip(data, windows, strict=True)]
         stream = torch.cuda.current_stream(self.device).cuda_stream
         images = self.decoder.decode(streams, params=self.params, cuda_stream=stream)
-        return [torch.from_dlpack(img) if img is not None else None for img in images]
+        out: list[torch.Tensor | None] = []
+        for img in images:
+            t = torch.from_dlpack(img) if img is not None else None
+            out.append(t.to(self.device) if t is not None and t.device != self.device else t)  # a host-decoded one
+        return out
 
 
 def pil_window_decode(data: Sequence[np.ndarray], windows: Sequence[tuple[int, int, int, int]]
