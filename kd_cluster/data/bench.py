@@ -8,7 +8,10 @@ DataLoader worker count and batch size, images/s of
 (b) ``torchvision.datasets.ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` +
     ``PILToTensor`` in a shuffling DataLoader;
 
-each on the originals and, with ``max_side``, on the same images re-encoded to that longer side
+(c) the loader of ``data.decode: gpu`` on the originals: it reads the bytes and draws each sample's crop and
+    flip, and leaves decoding to the training worker's GPU (the CPU cost per image that GPU decode leaves);
+
+(a) and (b) each on the originals and, with ``max_side``, on the same images re-encoded to that longer side
 (:func:`~kd_cluster.data.shrink_image`, what ``shards build --max-side`` writes): the shards are written
 from an ImageFolder tree of the re-encoded files, so both loaders read the very same bytes.
 
@@ -195,6 +198,12 @@ def run(
                 drain)
             pipes[f"torchvision{key}"] = _Pipeline(
                 lambda r=roots[key]: _torchvision_batches(r, size, workers, batch_size), lambda b: len(b[1]), drain)
+            if not key:
+                gpu_stream = TrainStream(manifest, batch_size=batch_size, seed=0, rank=0, world_size=1,
+                                         num_workers=workers, start_step=0, augment=AugmentParams(image_size=size),
+                                         decode="gpu")
+                pipes["gpu_loader"] = _Pipeline(lambda: iter(make_train_loader(gpu_stream, num_workers=workers)),
+                                                lambda b: len(b["key"]), drain)
         t_shard = time.perf_counter() - t0
         for _ in range(rounds):
             for pipe in pipes.values():
@@ -229,6 +238,9 @@ def run(
             f"trainstream{sfx}_rounds_img_s": ours.wall,
             f"torchvision{sfx}_rounds_img_s": theirs.wall,
         }
+    gl = pipes["gpu_loader"]
+    result |= {"gpu_loader_img_s": med(gl.wall), "gpu_loader_img_per_cpu_s": med(gl.cpu),
+               "gpu_loader_rounds_img_s": gl.wall}
     if max_side:
         result |= {
             "max_side": max_side,
@@ -256,6 +268,8 @@ def format_table(r: dict[str, Any]) -> str:
             (f"torchvision ImageFolder, {label}", r[f"torchvision{sfx}_img_s"], r[f"torchvision{sfx}_img_per_cpu_s"]),
             (f"ratio TrainStream / ImageFolder, {label}", r[f"ratio{sfx}"], r[f"ratio{sfx}_per_cpu_s"]),
         ]
+    rows.append(("loader of decode: gpu (bytes + crop parameters)", r["gpu_loader_img_s"],
+                 r["gpu_loader_img_per_cpu_s"]))
     if "max_side" in r:
         rows += [
             (f"ratio max side {r['max_side']} / originals, TrainStream", r["speedup_small_trainstream"],

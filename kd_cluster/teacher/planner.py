@@ -31,9 +31,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Measured with `kd-cluster bench data` on the 2-core VM of this project (224 px crops from 500x375 JPEGs):
-# images per CPU-second of the loader. Used when no `bench data` result is given.
-DEFAULT_DECODE_PER_CORE = {"cpu": 550.0, "gpu": 4000.0}
+# Images per CPU-second of the loader at 224 px from 500x375 JPEGs, measured side by side by `kd-cluster bench data`
+# on this project's 2-core VM (load average ~36): the shard stream (cpu) and the loader of decode: gpu (gpu).
+# Used when no `bench data --save` result is given.
+DEFAULT_DECODE_PER_CORE = {"cpu": 348.0, "gpu": 1626.0}
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def format_plan(p: Plan) -> str:
     """The plan as text: every candidate, then the chosen one and the job settings for it."""
     r = p.rates
     lines = [f"rates per GPU: student S {r.student:.1f}, teacher T {r.teacher:.1f}, colocated C {r.colocated_rate:.1f}"
-             + (" (measured)" if r.colocated is not None else " (1/(1/S+1/T))")
+             + ("" if r.colocated is not None else " (1/(1/S+1/T))")
              + (f", GPU decode G {r.gpu_decode:.1f}" if r.gpu_decode else "")
              + f" images/s; loader {r.decode_per_core:.0f} images/s per core ({p.decode} decode)",
              f"{'training workers':>17} {'teacher GPUs':>13} {'images/s':>10}  bound"]

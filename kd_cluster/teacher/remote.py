@@ -292,7 +292,8 @@ class RemoteTeacher(Teacher):
             mix = self.teacher_view == "independent"
         else:
             img, mix = b["image"], True
-        b[self.key] = self.request(TeacherRequest(img, lam if mix else 1.0, True, int(b["step"])))
+        # crops decoded on the training GPU (data.decode: gpu) travel from host memory, like the loader's
+        b[self.key] = self.request(TeacherRequest(img.cpu(), lam if mix else 1.0, True, int(b["step"])))
 
     def outputs(self, pending: _Pending) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Wait for a batch's outputs (time spent waiting is the ``teacher/wait_s_per_step`` metric)."""
