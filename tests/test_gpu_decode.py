@@ -153,3 +153,15 @@ def test_decode_gpu_is_validated_and_needs_cuda_where_the_job_trains(monkeypatch
     with pytest.raises(SpecError, match=r"data\.decode: 'gpu' needs a CUDA device .* this machine has none"):
         check_here(plans, "jobs/demo.yaml")
     check_here(plan_job(load_job("jobs/demo.yaml"), "jobs/demo.yaml", check_data="none"), "jobs/demo.yaml")
+
+
+def test_views_replayed_from_stored_labels_travel_as_given() -> None:
+    from kd_cluster.data.gpu_decode import GpuBatchBuilder
+
+    rng = np.random.default_rng(3)
+    colour, gray = _photo_like_jpeg(rng, 80, 60), _encoded(Image.new("L", (80, 60), 90), "JPEG")
+    replayed = [ViewParams((3.0, 5.0, 50.0, 41.0), True)]
+    builder = GpuBatchBuilder(("aug",), AugmentParams(image_size=16))
+    assert builder.take(0, colour, (0, 0, 0, 0), replayed) and not builder.take(1, gray, (0, 0, 0, 1), replayed)
+    ev = builder.result()
+    assert ev.rows == [0] and ev.view_params(0) == replayed and ev.data(0).tobytes() == colour
