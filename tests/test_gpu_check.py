@@ -23,6 +23,7 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     assert configs == {("decode", d, False) for d in ("cpu", "gpu")} | {
         (w, d, c) for w in ("student", "teacher", "colocated") for d in ("cpu", "gpu") for c in (False, True)}
     for x in res["results"]:
+        assert "error" not in x, x
         assert x["images_per_s"] > 0 and x["compile_fell_back"] == []
         assert (x["mfu"] is None) == (x["workload"] == "decode")
     fwd = res["flops_per_image_forward"]

@@ -152,7 +152,7 @@ def render_views_torch(images: Sequence[torch.Tensor], windows: Sequence[tuple[i
     n, n_views = boxes.shape[:2]
     assert len(images) == len(windows) == n
     device = images[0].device
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    dtype = torch.float32  # half precision would round box coordinates of large images to 0.25-0.5 pixel
     chans = images[0].shape[2] if images[0].dim() == 3 else 1
     out = torch.empty((n, n_views, chans, size, size), dtype=torch.uint8, device=device)
     for start in range(0, n, _CHUNK):

@@ -175,27 +175,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f_s, f_t = model_flops(a.student, a.image_size), model_flops(a.teacher, a.image_size)
         flops = {"decode": 0.0, "student": 3 * f_s, "teacher": f_t, "colocated": 3 * f_s + f_t}
         results = []
-        for workload in a.workloads:
-            for decode in a.decodes:
-                for comp in (["off"] if workload == "decode" else a.compile):
-                    name = f"check-{workload}-{decode}-{comp}"
-                    spec = job_spec(a, work, manifest, teacher_weights, workload=workload, decode=decode,
-                                    compile=comp == "on", name=name)
-                    t0 = time.perf_counter()
-                    r = measure(a, spec, workload, device)
-                    rate = r["images_per_s"]
-                    row = {"workload": workload, "decode": decode, "compile": comp == "on", **r,
-                           "flops_per_image": flops[workload],
-                           "mfu": rate * flops[workload] / (a.peak_tflops * 1e12) if flops[workload] else None,
-                           "config_s": time.perf_counter() - t0}
-                    results.append(row)
-                    mfu = f"{row['mfu'] * 100:6.2f}%" if row["mfu"] is not None else "      -"
-                    print(f"{workload:<10} decode {decode:<4} compile {comp:<3} {rate:>9.1f} images/s  MFU {mfu}  "
-                          f"data wait {r['data_wait_s_per_step'] * 1000:7.1f} ms/step  ({row['config_s']:.0f} s)"
-                          + (f"  compile fell back: {r['compile_fell_back']}" if r["compile_fell_back"] else ""),
-                          flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+        # uncompiled first: if the machine's time runs out during compilation, those figures are already printed
+        configs = [(w, d, c) for c in a.compile for w in a.workloads for d in a.decodes
+                   if not (w == "decode" and c == "on")]
+        for workload, decode, comp in configs:
+            name = f"check-{workload}-{decode}-{comp}"
+            spec = job_spec(a, work, manifest, teacher_weights, workload=workload, decode=decode,
+                            compile=comp == "on", name=name)
+            t0 = time.perf_counter()
+            try:
+                r = measure(a, spec, workload, device)
+            except Exception as exc:  # noqa: BLE001 - one failing configuration must not cost the others' figures
+                msg = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                results.append({"workload": workload, "decode": decode, "compile": comp == "on", "error": msg})
+                print(f"{workload:<10} decode {decode:<4} compile {comp:<3} FAILED: {msg}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            rate = r["images_per_s"]
+            row = {"workload": workload, "decode": decode, "compile": comp == "on", **r,
+                   "flops_per_image": flops[workload],
+                   "mfu": rate * flops[workload] / (a.peak_tflops * 1e12) if flops[workload] else None,
+                   "config_s": time.perf_counter() - t0}
+            results.append(row)
+            mfu = f"{row['mfu'] * 100:6.2f}%" if row["mfu"] is not None else "      -"
+            print(f"{workload:<10} decode {decode:<4} compile {comp:<3} {rate:>9.1f} images/s  MFU {mfu}  "
+                  f"data wait {r['data_wait_s_per_step'] * 1000:7.1f} ms/step  ({row['config_s']:.0f} s)"
+                  + (f"  compile fell back: {r['compile_fell_back']}" if r["compile_fell_back"] else ""),
+                  flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {"machine": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
@@ -211,4 +220,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    result = main()
+    sys.exit(0 if result and not any("error" in r for r in result["results"]) else 1)
