@@ -84,8 +84,9 @@ def ray_cluster(builtin_cache: Path, s3: S3Server) -> Iterator[str]:
     """
     import ray
 
-    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                   logging_level="WARNING")
+    from kd_cluster.cluster.local_ray import start_local_ray
+
+    ctx = start_local_ray(num_cpus=4)  # as `kd-cluster run` starts its own
     try:
         yield ctx.address_info["gcs_address"]
     finally:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,12 +142,50 @@ def test_no_ray_stage_error_stops_its_loader_processes(tiny_job, monkeypatch: py
     assert left == []
 
 
+@contextlib.contextmanager
+def _another_ray_instance() -> Iterator[None]:
+    """A process that Ray's address discovery takes for the raylet of another Ray instance on this machine."""
+    from ray._private.services import find_gcs_addresses
+
+    proc = subprocess.Popen(["kdc-test-raylet", "-c", "import time; time.sleep(900)", "--gcs-address=127.0.0.1:9"],
+                            executable=sys.executable)
+    try:
+        find_gcs_addresses.cache_clear()
+        assert "127.0.0.1:9" in find_gcs_addresses() and len(find_gcs_addresses()) >= 2
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        find_gcs_addresses.cache_clear()
+
+
+def _output_until(capfd: Any, line: str, timeout_s: float = 60.0) -> str:
+    """What the process wrote (its own lines and those Ray forwards from the cluster) until ``line`` came,
+    plus two seconds for lines of other processes still on their way."""
+    text, deadline = "", time.monotonic() + timeout_s
+    while line not in text and time.monotonic() < deadline:
+        time.sleep(0.5)
+        text += "".join(capfd.readouterr())
+    time.sleep(2.0)
+    return text + "".join(capfd.readouterr())
+
+
 @pytest.mark.slow
-def test_ray_two_workers_ddp(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
+def test_ray_two_workers_ddp(ray_cluster: str, tiny_job, tmp_path: Path, capfd: Any) -> None:
+    """Two stages on 2 Ray Train workers. The run's output has no error-level line and no traceback, also
+    with another Ray instance on the machine (Train's placement-group cleaner once crashed on "Found multiple
+    active Ray instances"; its preemption watcher logged an `E` line at every stage)."""
     from kd_cluster.cluster import run_job
 
     job = tiny_job("ray2")
-    res = run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
+    with _another_ray_instance():
+        capfd.readouterr()
+        res = run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
+        out = _output_until(capfd, "[distill] step 8/8")
+    assert "[teacher] step 6/6" in out and "[distill] step 8/8" in out, f"progress lines missing:\n{out[-3000:]}"
+    assert "Traceback" not in out, f"a traceback in the run's output:\n{out[-6000:]}"
+    errors = [ln for ln in out.splitlines() if re.search(r"\[[\d\- :,]+ E \d+ \d+\]", ln)]  # Ray's glog format
+    assert not errors, "error-level lines in the run's output:\n" + "\n".join(errors)
     assert set(res.stages) == {"teacher", "distill"}
     d = tmp_path / "runs" / "ray2" / "distill"
     latest = json.loads((d / "checkpoints" / "latest.json").read_text())

@@ -65,9 +65,9 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         # `kd-cluster submit` is the path that forwards the submitter's by name.
         ray.init(address=address, log_to_driver=True)
     else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; loopback only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+        from kd_cluster.cluster.local_ray import start_local_ray
+
+        start_local_ray(num_cpus)
 
 
 def ray_placement(plan: StagePlan) -> Any:
