@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=False)
@@ -17,6 +18,10 @@ err = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
+
+
+class UsageError(ValueError):
+    """A command line that cannot work (exit code 2, one line)."""
 
 
 def _jobs_dir() -> Path:
@@ -71,10 +76,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
 
+    from kd_cluster.results import attempt
+
     spec = load_job(a.job, a.overrides, a.profile)
-    result = run_job(spec, a.job, use_ray=not a.no_ray, address=a.address,
-                     on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
-                                                      f"{p.arch} ({p.spec.method.name})"))
+    with attempt(spec):  # a failure is recorded in the run's folder (kd-cluster runs shows it)
+        result = run_job(spec, a.job, use_ray=not a.no_ray, address=a.address,
+                         on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
+                                                          f"{p.arch} ({p.spec.method.name})"))
     _print_job(result)
     console.print(f"checkpoints and artifacts: {spec.storage.path}/{spec.name}")
     return 0
@@ -229,9 +237,12 @@ def cmd_resume(a: argparse.Namespace) -> int:
         (err if a.json else console).print(f"resuming run {spec.name} ({where}) on the cluster", soft_wrap=True)
         return _submit_and_print(spec, source, a)
     console.print(f"resuming run {spec.name} ({where}) here{' without Ray' if a.no_ray else ''}", soft_wrap=True)
-    result = run_job(spec, source, use_ray=not a.no_ray,
-                     on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
-                                                      f"{p.arch} ({p.spec.method.name})"))
+    from kd_cluster.results import attempt
+
+    with attempt(spec):
+        result = run_job(spec, source, use_ray=not a.no_ray,
+                         on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
+                                                          f"{p.arch} ({p.spec.method.name})"))
     _print_job(result)
     console.print(f"checkpoints and artifacts: {url}", soft_wrap=True)
     return 0
@@ -241,6 +252,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
     from kd_cluster.data import load_manifest
+    from kd_cluster.results import attempt
 
     t0 = time.perf_counter()
     jobs = Path(a.jobs_dir) if a.jobs_dir else _jobs_dir()
@@ -256,9 +268,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     results = {}
     for label, spec, path in (("distill", distill, jobs / "demo.yaml"), ("scratch", scratch, jobs / "demo_scratch.yaml")):
         console.rule(f"{label}: {path.name}")
-        results[label] = run_job(spec, str(path), use_ray=not a.no_ray,
-                                 on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
-                                                                  f"{p.arch} ({p.spec.method.name})"))
+        with attempt(spec):
+            results[label] = run_job(spec, str(path), use_ray=not a.no_ray,
+                                     on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} "
+                                                                      f"steps, {p.arch} ({p.spec.method.name})"))
     wall = time.perf_counter() - t0
     d, s = results["distill"].stages, results["scratch"].stages
     teacher, fm, sc = d["teacher"], d["distill"], s["main"]
@@ -506,6 +519,154 @@ def cmd_teacher_label(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ref(target: str, a: argparse.Namespace, stage: str | None, arch: str | None, what: str) -> Any:
+    """A run's stage, or (with an architecture) a weights file with the input given on the command line."""
+    from kd_cluster.results.target import Preprocess, from_run, from_weights
+
+    if arch is None:
+        return from_run(target, a.storage, stage, a.endpoint_url)
+    if not a.image_size:
+        raise UsageError(f"{what} {target} with --{'teacher-' if what == 'teacher' else ''}arch is a weights file: "
+                         "--image-size is required (and --mean/--std unless the training defaults apply)")
+    pre = Preprocess(a.image_size, a.eval_resize_ratio, tuple(a.mean) if a.mean else None,
+                     tuple(a.std) if a.std else None)
+    return from_weights(target, arch, pre, a.endpoint_url)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    import functools
+
+    from kd_cluster.results.evaluate import evaluate
+
+    ref = _ref(a.target, a, a.stage, a.arch, "target")
+    data = a.data or ref.data_val
+    if not data:
+        err.print(f"error: {ref.label} has no validation split (data.val): pass --data URL")
+        return EXIT_USER_ERROR
+    teacher = None
+    if a.teacher == "job":
+        if not ref.teacher_arch:
+            err.print(f"error: --teacher job: {ref.label} was not trained against a teacher; name one "
+                      "(a run, or weights with --teacher-arch)")
+            return EXIT_USER_ERROR
+        from kd_cluster.results.target import ModelRef
+
+        teacher = ModelRef(arch=ref.teacher_arch, weights=ref.teacher_weights, preprocess=ref.preprocess,
+                           endpoint_url=ref.endpoint_url)
+    elif a.teacher:
+        teacher = _ref(a.teacher, a, a.teacher_stage, a.teacher_arch, "teacher")
+    runner = None
+    if a.num_workers > 1:
+        from kd_cluster.cluster.evaluation import evaluate_on_ray
+
+        runner = functools.partial(evaluate_on_ray, address=a.address, cpus_per_worker=a.cpus_per_worker,
+                                   gpus_per_worker=1.0 if a.device.startswith("cuda") else 0.0)
+    out = a.out or f"eval-{ref.label.replace('/', '-')}.json"
+    res = evaluate(ref, data, out, teacher=teacher, data_endpoint_url=a.data_endpoint_url,
+                   out_endpoint_url=a.endpoint_url, batch_size=a.batch_size, loader_workers=a.loader_workers,
+                   device=a.device, amp=a.amp, num_workers=a.num_workers, runner=runner)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    t = Table(title=f"{ref.label} on {data} ({res['samples']} images, {res['device']}, "
+                    f"{res['num_workers']} worker(s))")
+    for col in ("metric", "value", "run's final eval"):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    cmp = res["run_final_eval"] or {}
+    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("ece", f"ECE ({res['ece_bins']} bins)"),
+                       ("teacher_top1", "teacher top-1"), ("agreement", "agreement with the teacher"),
+                       ("images_per_s", "images/s")):
+        if key in res:
+            run = f"{cmp[key]['run']:.4f}" + (" (same)" if abs(cmp[key]["diff"]) < 1e-9 else
+                                               f" ({cmp[key]['diff']:+.4f})") if key in cmp else "-"
+            t.add_row(label, f"{res[key]:.4f}" if key != "images_per_s" else f"{res[key]:.0f}", run)
+    console.print(t)
+    classes = [c for c in res["per_class"] if c["top1"] is not None]
+    worst = sorted(classes, key=lambda c: c["top1"])[:10]
+    console.print("per class (worst first): " + ", ".join(f"{c['class']} {c['top1']:.3f} (n={c['n']})" for c in worst)
+                  + (" ..." if len(classes) > len(worst) else ""), soft_wrap=True)
+    console.print(f"written: {res['json']} and {res['confusion_png']}", soft_wrap=True)
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from kd_cluster.results.export import export
+
+    ref = _ref(a.run, a, a.stage, a.arch, "target")
+    data = a.data or ref.data_val or ref.data_train
+    if not data:
+        err.print(f"error: {ref.label}: no split to check the export on: pass --data URL")
+        return EXIT_USER_ERROR
+    res = export(ref, a.format, a.out, data=data, data_endpoint_url=a.data_endpoint_url,
+                 out_endpoint_url=a.endpoint_url, tolerance=a.tolerance, opset=a.opset)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    ck, inp, norm = res["check"], res["input"], res["normalization"]
+    lines = [f"exported {ref.label} ({res['arch']}, {res['num_classes']} classes) as {a.format}: {res['file']} "
+             f"({res['bytes'] / 1e6:.2f} MB)",
+             f"  input:  {inp['dtype']} {inp['layout']} [batch, {inp['channels']}, {inp['height']}, {inp['width']}], "
+             f"{inp['resize']}; normalisation {norm['applied']} (mean {norm['mean']}, std {norm['std']})",
+             f"  check:  {ck['runtime']} vs torch on {ck['batch']} images of {res['check_data']} and on a batch of 1: "
+             f"max abs difference {ck['max_abs_diff']:.3g} (tolerance {ck['tolerance']:g}), same top-1 on "
+             f"{ck['top1_agreement']:.1%}",
+             f"  metadata in the file and in {res['sidecar']}"]
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from kd_cluster.results.report import build_report
+
+    res = build_report(a.runs, a.out, storage=a.storage, endpoint_url=a.endpoint_url, metrics_dir=a.metrics_dir)
+    for path in res["missing_metrics"]:
+        err.print(f"warning: no metric file at {path} (curves of that stage left out; --metrics-dir DIR names "
+                  "where <run>/<stage>.jsonl files are)", soft_wrap=True)
+    console.print(f"report of {', '.join(res['stages'])}: {res['plots']} plots, {res['bytes'] / 1e6:.2f} MB -> "
+                  f"{res['out']}", soft_wrap=True)
+    return 0
+
+
+def cmd_runs(a: argparse.Namespace) -> int:
+    from kd_cluster.results.store import list_runs
+
+    rows = list_runs(a.storage, a.endpoint_url)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    t = Table(title=f"{len(rows)} runs under {a.storage}")
+    for col in ("run", "stage", "state", "steps", "final top-1", "wall s"):
+        t.add_column(col)
+    colors = {"finished": "green", "failed": "red", "in progress": "cyan", "unreadable": "red"}
+    for p in rows:
+        head = f"{escape(p['run'])}\n[{colors.get(p['state'], 'white')}]{p['state']}[/]"
+        if not p["stages"]:
+            t.add_row(head, "-", "-", "-", "-", "-")
+        for i, s in enumerate(p["stages"]):
+            total = s["total_steps"] or "?"
+            if s["state"] == "finished":
+                steps = f"{s['steps']} / {s['steps']}"
+            elif s["state"] in ("current", "failed"):
+                ck = s["checkpoint_step"]
+                steps = f"checkpoint {ck} / {total}" if ck is not None else f"no checkpoint / {total}"
+            else:
+                steps = f"0 / {total}"
+            t.add_row(head if i == 0 else "", s["stage"], {"current": "in progress"}.get(s["state"], s["state"]), steps,
+                      f"{s['top1']:.4f}" if s.get("top1") is not None else "-",
+                      f"{s['wall_s']:.1f}" if s.get("wall_s") is not None else "-")
+        t.add_section()
+    console.print(t)
+    for p in rows:
+        if p["state"] in ("failed", "unreadable"):
+            f = p["failure"] or {}
+            where = f" in stage {f['stage']}" if f.get("stage") else ""
+            console.print(f"{p['run']}: {p['state']}{where}: {f.get('error', '')} ({f.get('time', '')}); "
+                          f"`kd-cluster resume {p['run']}` continues it from its latest checkpoint", soft_wrap=True,
+                          markup=False, highlight=False)
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from kd_cluster.config import JobSpec
 
@@ -692,6 +853,74 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
 
+    def storage_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--storage", default="./runs", help="storage path runs live under (default ./runs)")
+        q.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint of the storage (and of --out)")
+
+    def model_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--stage", default=None, help="the run's stage (default: its last)")
+        q.add_argument("--arch", default=None, help="TARGET is a weights file (.safetensors or a state dict) of this "
+                       "architecture, not a run")
+        q.add_argument("--image-size", type=int, default=None, help="with --arch: input side length in pixels")
+        q.add_argument("--eval-resize-ratio", type=float, default=1.0, help="with --arch: resize the shorter side "
+                       "to image-size x ratio, then center crop (default 1.0)")
+        q.add_argument("--mean", type=float, nargs="+", default=None, help="with --arch: per-channel mean of "
+                       "[0, 1] pixels (default: the training default for the channel count)")
+        q.add_argument("--std", type=float, nargs="+", default=None, help="with --arch: per-channel std")
+        q.add_argument("--data-endpoint-url", default=None, help="S3-compatible endpoint of --data")
+
+    ev = sub.add_parser("eval", help="evaluate a run's student (or weights): top-1/5, per class, calibration, "
+                        "agreement with a teacher, images/s, confusion matrix")
+    ev.add_argument("target", help="run name (under --storage) or the run's folder/URL; a weights URI with --arch")
+    ev.add_argument("--data", default=None, help="split manifest URL/folder or builtin set (default: the run's "
+                    "data.val)")
+    ev.add_argument("--teacher", default=None, help="also the teacher's top-1 and the agreement with it: 'job' "
+                    "(the teacher this stage was trained against), a run, or weights with --teacher-arch")
+    ev.add_argument("--teacher-stage", default=None, help="the teacher run's stage (default: its last)")
+    ev.add_argument("--teacher-arch", default=None, help="--teacher is a weights file of this architecture")
+    ev.add_argument("--batch-size", type=int, default=256, help="per worker (default 256)")
+    ev.add_argument("--loader-workers", type=int, default=1, help="decode processes per worker (default 1)")
+    ev.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    ev.add_argument("--amp", action="store_true", help="bf16 autocast on GPU (as training's evals with resources.amp)")
+    ev.add_argument("--num-workers", type=int, default=1, help="> 1: that many Ray workers, each a share of the "
+                    "split (as training splits its evaluation)")
+    ev.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs of each Ray worker (default 1)")
+    ev.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    ev.add_argument("--out", default=None, help="result JSON (default eval-<run>-<stage>.json here); the confusion "
+                    "matrix goes next to it as <stem>.confusion.png")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    storage_opts(ev)
+    model_opts(ev)
+    ev.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("export", help="the student as ONNX, TorchScript or safetensors, with its preprocessing "
+                        "and metadata; checked against torch")
+    ex.add_argument("run", help="run name (under --storage) or the run's folder/URL; a weights URI with --arch")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    ex.add_argument("--out", required=True, help="output file: local path or any fsspec URL; a JSON sidecar "
+                    "<out>.json is written next to it")
+    ex.add_argument("--data", default=None, help="split for the check batch (default: the run's data.val)")
+    ex.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed |logit difference| from torch "
+                    "(default 1e-3)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--json", action="store_true", help="print the sidecar as JSON")
+    storage_opts(ex)
+    model_opts(ex)
+    ex.set_defaults(fn=cmd_export)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page with the curves of one or more runs")
+    rp.add_argument("runs", nargs="+", help="run names (under --storage) or run folders/URLs")
+    rp.add_argument("--out", required=True, help="the HTML file (local path or fsspec URL)")
+    rp.add_argument("--metrics-dir", default=None, help="folder holding <run>/<stage>.jsonl metric files (default: "
+                    "next to each run's telemetry.wandb_dir)")
+    storage_opts(rp)
+    rp.set_defaults(fn=cmd_report)
+
+    rn = sub.add_parser("runs", help="every run under a storage path: stages, step, final top-1, wall time, state")
+    rn.add_argument("--json", action="store_true", help="machine-readable output")
+    storage_opts(rn)
+    rn.set_defaults(fn=cmd_runs)
+
     sc = sub.add_parser("schema", help="print the job spec's JSON Schema (for editors)")
     sc.set_defaults(fn=cmd_schema)
     return p
@@ -707,13 +936,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    user_errors: tuple[type[BaseException], ...] = (SpecError,)
+    user_errors: tuple[type[BaseException], ...] = (SpecError, UsageError)
     try:
         from kd_cluster.data import DataError
         from kd_cluster.methods import MethodError
         from kd_cluster.models import ModelError
 
-        user_errors = (SpecError, DataError, ModelError, MethodError)
+        user_errors = (SpecError, DataError, ModelError, MethodError, UsageError)
     except ImportError:  # pragma: no cover - partial installs
         pass
     try:
@@ -724,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from kd_cluster.cluster.driver import StageFailed
         from kd_cluster.cluster.jobs_api import ClusterError, RunNotFound
+        from kd_cluster.results.export import ExportCheckFailed
         from kd_cluster.train.preempt import Preempted
 
         if isinstance(exc, Preempted):
@@ -737,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"error: object storage: {describe_store_error(exc)}", file=sys.stderr)
             return 1
-        if not isinstance(exc, (StageFailed, ClusterError)):
+        if not isinstance(exc, (StageFailed, ClusterError, ExportCheckFailed)):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

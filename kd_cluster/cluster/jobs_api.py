@@ -1,5 +1,5 @@
-"""Cluster operations over the Ray Jobs API: submit, status, logs, stop, list, resume; and a run's progress
-read from its storage alone.
+"""Cluster operations over the Ray Jobs API: submit, status, logs, stop, list, resume. (A run's progress read
+from its storage alone is :mod:`kd_cluster.results`; re-exported here.)
 
 A submission ships the fully resolved job spec (``extends:``, profile and overrides applied) as a file in
 the job's ``working_dir`` and, by default, this copy of the ``kd_cluster`` package as a ``py_modules`` entry,
@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 import yaml
 
 from kd_cluster.config import JobSpec
-from kd_cluster.config.loader import stage_spec, stages_of
-from kd_cluster.storage import CheckpointStore, Store, absolute, is_remote, join
+from kd_cluster.results.store import RunNotFound, find_run, run_progress, spec_for_resume
+from kd_cluster.storage import absolute, is_remote
 
 # Forwarded by name when set in the submitter's environment (values never leave the runtime_env).
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -41,10 +41,6 @@ META_RUN, META_JOB, META_STORAGE, META_TOOL = "kd_cluster_run", "kd_cluster_job_
 
 class ClusterError(RuntimeError):
     """The cluster cannot be reached, or it refused a request; the message is one line."""
-
-
-class RunNotFound(ValueError):
-    """No run folder (``<storage>/<run>/job.json``) where one was named."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -294,67 +290,6 @@ def wait_job(address: str | None, job: str, timeout_s: float, poll_s: float = 1.
         if status in TERMINAL or time.monotonic() >= deadline:
             return status
         time.sleep(poll_s)
-
-
-# -- runs in storage -------------------------------------------------------------------------------------------
-
-
-def find_run(run: str, storage: str = "./runs", endpoint_url: str | None = None) -> str:
-    """A run's folder URL from its name (under ``storage``) or its own path/URL."""
-    from kd_cluster.cluster.driver import RESOLVED_SPEC
-
-    candidates = []
-    if "://" in run or "/" in run or os.sep in run or run.startswith("."):
-        candidates.append(absolute(run))
-    candidates.append(join(absolute(storage), run))
-    for url in dict.fromkeys(candidates):
-        if Store(url, endpoint_url).exists(RESOLVED_SPEC):
-            return url
-    known = [n for n in Store(absolute(storage), endpoint_url).listdir() if not n.startswith(".")]
-    raise RunNotFound(f"run {run!r}: no {RESOLVED_SPEC} at {' or '.join(dict.fromkeys(candidates))} "
-                      f"(runs under {storage}: {', '.join(known) or 'none'})")
-
-
-def spec_for_resume(run_url: str, endpoint_url: str | None = None) -> tuple[JobSpec, str]:
-    """The stored spec of a run, pointed at the folder it was found in (so it resumes there); and its source."""
-    from kd_cluster.cluster.driver import RESOLVED_SPEC, load_resolved_spec
-
-    spec = load_resolved_spec(run_url, endpoint_url)
-    source = Store(run_url, endpoint_url).read_json(RESOLVED_SPEC).get("source", RESOLVED_SPEC)
-    parent, name = (run_url.rstrip("/").rsplit("/", 1) if is_remote(run_url)
-                    else (str(Path(run_url).parent), Path(run_url).name))
-    if name != spec.name:
-        raise RunNotFound(f"{run_url}: its job.json names run {spec.name!r}, not {name!r}")
-    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"path": parent})})
-    return spec, source
-
-
-def run_progress(run_url: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """Which stage a run is in, from its storage alone: finished stages (steps, final top-1, wall time), the
-    current stage's latest complete checkpoint, stages not started."""
-    from kd_cluster.cluster.driver import RESOLVED_SPEC
-
-    spec, _ = spec_for_resume(run_url, endpoint_url)
-    meta = Store(run_url, endpoint_url).read_json(RESOLVED_SPEC)
-    stages, current = [], None
-    for stage in stages_of(spec):
-        eff = stage_spec(spec, stage) if spec.stages else spec
-        store = Store(join(run_url, stage.name), endpoint_url)
-        row: dict[str, Any] = {"stage": stage.name, "trains": stage.trains, "method": eff.method.name,
-                               "total_steps": eff.schedule.steps}
-        if store.exists("stage.json"):
-            m = store.read_json("stage.json")
-            fm = m.get("final_metrics", {})
-            row.update(state="finished", steps=m.get("steps"), top1=fm.get("eval/student_top1"),
-                       wall_s=m.get("wall_s"))
-        elif current is None:
-            current = stage.name
-            row.update(state="current", checkpoint_step=CheckpointStore(store).latest())
-        else:
-            row.update(state="pending")
-        stages.append(row)
-    return {"run": spec.name, "url": run_url, "source": meta.get("source"), "saved_at": meta.get("saved_at"),
-            "stage": current, "finished": current is None, "stages": stages}
 
 
 __all__ = ["FORWARDED_ENV", "ClusterError", "RunNotFound", "Submission", "cluster_address", "find_run",
