@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kd_cluster.config import SpecError, load_job
-from kd_cluster.methods import METHODS, Method, MethodConfig, Needs, SetupInfo, StepOutputs
+from kd_cluster.methods import METHODS, Method, MethodConfig, Needs, Registered, SetupInfo, StepOutputs
 
 
 class ProbeHintConfig(MethodConfig):
@@ -20,18 +20,17 @@ class ProbeHintConfig(MethodConfig):
     teacher_layer: str = "stage2"
     train_student: bool = True
 
+    def needs(self) -> Needs:
+        return Needs(teacher=True, student=self.train_student, index=True,
+                     student_features=(self.student_layer,) if self.train_student else (),
+                     teacher_features=(self.teacher_layer,))
+
 
 class ProbeHint(Method):
     """A test method: 1x1 regressor from a student tap to a teacher tap; counts the samples it saw."""
 
     Config = ProbeHintConfig
     seen_setup: list[tuple] = []
-
-    @classmethod
-    def needs_for(cls, cfg: ProbeHintConfig) -> Needs:
-        return Needs(teacher=True, student=cfg.train_student, index=True,
-                     student_features=(cfg.student_layer,) if cfg.train_student else (),
-                     teacher_features=(cfg.teacher_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         t = probe.teacher_features[self.cfg.teacher_layer]
@@ -51,7 +50,7 @@ class ProbeHint(Method):
 
 @pytest.fixture
 def probe_hint():
-    METHODS["probe_hint"] = ProbeHint
+    METHODS["probe_hint"] = Registered(ProbeHintConfig, ProbeHint)
     ProbeHint.seen_setup.clear()
     yield
     del METHODS["probe_hint"]

@@ -24,18 +24,17 @@ CPU = torch.device("cpu")
 MEAN, STD = [0.5], [0.25]
 
 
-class TapConfig(MethodConfig):
-    pass
-
-
 def _rot2(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.rot90(1, (2, 3))])
 
 
 def _make_method(view: str, taps: tuple[str, ...], expand: bool) -> Method:
+    class TapConfig(MethodConfig):
+        def needs(self) -> Needs:
+            return Needs(teacher=True, teacher_view=view, labels=True, teacher_features=taps)
+
     class Toy(Method):
         Config = TapConfig
-        needs = Needs(teacher=True, teacher_view=view, labels=True, teacher_features=taps)
 
         def expand(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
             return _rot2(x) if expand else x

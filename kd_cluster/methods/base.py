@@ -6,7 +6,8 @@ nothing outside this package branches on a method's name.
 
 Life cycle, driven by the loop on every worker:
 
-1. ``needs_for(cfg)`` (class level, cheap; the planner calls it too) says what the loop must provide.
+1. ``cfg.needs()`` (the method's settings, :mod:`kd_cluster.methods.settings`; no torch, so the planner and
+   ``kd-cluster validate`` ask it too) says what the loop must provide; an instance has it as ``needs``.
 2. ``setup(probe, info)``: called once with the outputs of a no-grad forward on a dummy batch, so the
    method can size its own trainable modules (regressors, embeddings, heads, peer networks) and
    buffers (memory banks) from the real feature shapes. ``__init__`` must stay cheap: no modules that
@@ -20,53 +21,20 @@ Under DDP the student is wrapped in DistributedDataParallel; the gradients of th
 parameters are averaged across ranks by the loop (one all-reduce per step), so every rank's method
 modules stay identical. Buffers a method updates itself (memory banks) must be updated with the same
 values on every rank: gather what you write with :func:`all_gather_cat`.
+
+``MethodConfig`` and ``Needs`` are defined in :mod:`kd_cluster.methods.settings` (torch-free) and re-exported here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-
-class MethodConfig(BaseModel):
-    """Base of every method's own settings: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    init: str | None = Field(None, description="Weights of this method's own modules to start from: a URI "
-                             "or 'stage:<name>' (that stage's method.safetensors). Keys absent from the "
-                             "file keep their fresh initialisation; keys the method does not have are errors.")
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What a method asks of the loop.
-
-    teacher_view: "same" (teacher and student see the very same augmented, mixed-up tensor),
-    "center" (teacher sees the un-augmented center crop, no mixup), or "independent" (teacher sees a
-    second, independently drawn crop of the same image, mixed with the same lambda and partner).
-    """
-
-    teacher: bool
-    teacher_view: Literal["same", "center", "independent"] = "same"
-    labels: bool = False
-    student: bool = True
-    """False: the stage trains only the method's own modules (e.g. a head on the frozen teacher); the
-    student is not run and not updated."""
-    student_features: tuple[str, ...] = ()
-    """Feature taps of the student (layer names, checked when the model is built)."""
-    teacher_features: tuple[str, ...] = ()
-    """Feature taps of the teacher."""
-    index: bool = False
-    """The per-sample dataset index (``idx`` in the shards), e.g. for memory banks."""
-    live_teacher: str | None = None
-    """Why this method needs the teacher to run during training, whatever its settings (None: stored soft
-    labels, the teacher's predictions on crops fixed in advance, can serve it; ``teacher.placement: stored``)."""
+from kd_cluster.methods.settings import MethodConfig, Needs
 
 
 @dataclass(frozen=True)
@@ -101,20 +69,20 @@ class StepOutputs:
 
 
 class Method(nn.Module):
-    """A distillation method. Subclasses set ``Config`` and ``needs`` and implement ``forward``."""
+    """A distillation method. Subclasses set ``Config`` (their settings class, which says what the method
+    needs) and implement ``forward``."""
 
     Config: ClassVar[type[MethodConfig]]
-    needs: ClassVar[Needs]
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.needs = type(self).needs_for(cfg)
+        self.needs: Needs = type(self).needs_for(cfg)
 
     @classmethod
     def needs_for(cls, cfg: MethodConfig) -> Needs:
-        """What this method needs with these settings (feature taps usually come from the settings)."""
-        return cls.needs
+        """What this method needs with these settings: the settings say it."""
+        return cfg.needs()
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         """Build shape-dependent modules and buffers from a probe forward (no grad, dummy input)."""

@@ -41,26 +41,13 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, pooled
-from kd_cluster.methods.base import Method, Needs, SetupInfo, StepOutputs, all_gather_cat
+from kd_cluster.methods._terms import ce_kd_terms, pooled
+from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, all_gather_cat
+from kd_cluster.methods.settings import CRDConfig
 
 NCE_EPS = 1e-7
-
-
-class CRDConfig(CEKDConfig):
-    """Settings of ``crd``."""
-
-    student_layer: str = Field(description="Student feature tap, pooled to a vector (the penultimate, e.g. flatten).")
-    teacher_layer: str = Field(description="Teacher feature tap, pooled to a vector.")
-    feat_dim: int = Field(128, ge=1, description="Embedding width of both memory banks.")
-    num_negatives: int = Field(16384, ge=1, description="Negatives K per sample (capped at N - 1).")
-    nce_temperature: float = Field(0.07, gt=0.0, description="Temperature tau of the scores.")
-    momentum: float = Field(0.5, ge=0.0, lt=1.0, description="Memory-bank momentum.")
-    crd_weight: float = Field(0.8, ge=0.0, description="Weight of the two NCE losses (their sum).")
-    negatives_seed: int = Field(0, ge=0, description="Seed of the negative sampling (with the step and rank).")
 
 
 def nce_loss(p: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -82,11 +69,6 @@ class CRD(Method):
     """Contrastive distillation with student and teacher memory banks."""
 
     Config = CRDConfig
-
-    @classmethod
-    def needs_for(cls, cfg: CRDConfig) -> Needs:
-        return Needs(teacher=True, labels=True, index=True, student_features=(cfg.student_layer,),
-                     teacher_features=(cfg.teacher_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         s_dim = pooled(probe.student_features[self.cfg.student_layer]).shape[1]

@@ -21,21 +21,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from pydantic import Field, field_validator
 from torch import nn
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
-
-
-def check_arch(name: str) -> str:
-    """A pydantic validator body: ``name`` must be a model the registry can build."""
-    from kd_cluster.models import ModelError, check_model_name
-
-    try:
-        check_model_name(name)
-    except ModelError as exc:
-        raise ValueError(str(exc)) from None
-    return name
+from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
+from kd_cluster.methods.settings import DMLConfig
 
 
 def build_peer(arch: str, info: SetupInfo, taps: Sequence[str] = ()) -> nn.Module:
@@ -75,21 +64,6 @@ class HitCounter:
         return {name: h / max(n, 1) for name, h in zip(names, hits, strict=True)}
 
 
-class DMLConfig(MethodConfig):
-    """Settings of ``dml``."""
-
-    peers: list[str] = Field(min_length=1, description="Model names of the other students (the job's "
-                             "student is the first); each is trained from scratch alongside it.")
-    kl_weight: float = Field(1.0, ge=0, description="Weight of the mimicry KL (the paper: 1).")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the mimicry KL (the paper: 1).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of every network's CE.")
-
-    @field_validator("peers")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        return [check_arch(a) for a in v]
-
-
 def mutual_terms(logits: list[torch.Tensor], labels: torch.Tensor, lam: float, kl_weight: float,
                  temperature: float, label_smoothing: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(CE, weighted mean KL to the others' detached predictions) of each network."""
@@ -105,7 +79,6 @@ class DML(Method):
     """Deep mutual learning of the job's student and the method's peers."""
 
     Config = DMLConfig
-    needs = Needs(teacher=False, labels=True)
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         self.peers = nn.ModuleList(build_peer(a, info) for a in self.cfg.peers)

@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, StepOutputs, soft_kl
-
-
-class FunMatchConfig(MethodConfig):
-    """Settings of the function-matching family: loss = T^2 * KL(p_t^T || p_s^T)."""
-
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature T (the paper uses 1).")
+from kd_cluster.methods.base import Method, StepOutputs, soft_kl
+from kd_cluster.methods.settings import FixedTeacherConfig, FunMatchConfig, IndependentViewsConfig
 
 
 class FunMatch(Method):
     """Consistent views + mixup, KL only."""
 
     Config = FunMatchConfig
-    needs = Needs(teacher=True, teacher_view="same", labels=False,
-                  live_teacher="function matching trains on the teacher's prediction for the very image the student "
-                  "sees, cropped and mixed anew at every step; stored labels hold predictions for crops fixed in "
-                  "advance")
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         assert out.teacher_logits is not None
@@ -42,8 +32,7 @@ class FunMatch(Method):
 class FixedTeacher(Method):
     """Baseline: the teacher's target comes from the un-augmented center crop."""
 
-    Config = FunMatchConfig
-    needs = Needs(teacher=True, teacher_view="center", labels=False)
+    Config = FixedTeacherConfig
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         assert out.teacher_logits is not None
@@ -56,6 +45,4 @@ class FixedTeacher(Method):
 class IndependentViews(FunMatch):
     """Baseline: teacher and student get independently drawn crops of the same image."""
 
-    needs = Needs(teacher=True, teacher_view="independent", labels=False,
-                  live_teacher="independent_views needs the teacher's prediction on a second crop drawn anew at "
-                  "every step, mixed like the student's")
+    Config = IndependentViewsConfig

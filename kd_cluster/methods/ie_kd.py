@@ -31,18 +31,13 @@ detached prediction), plus inheritance from and exploration away from the other 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
 from torch import nn
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
-from kd_cluster.methods.dml import HitCounter, broadcast_from_rank0, build_peer, check_arch
-
-Variant = Literal["at", "ft", "od"]
-
+from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
+from kd_cluster.methods.dml import HitCounter, broadcast_from_rank0, build_peer
+from kd_cluster.methods.settings import IEDMLConfig, IEKDConfig, Variant
 
 def coder(c_in: int, c_out: int) -> nn.Sequential:
     """Three conv3x3-BN-LeakyReLU(0.1) layers, c_in -> c_out, same spatial size (one half of the auto-encoder)."""
@@ -114,43 +109,10 @@ def _check_spatial(student: torch.Tensor, target: torch.Tensor, what: str) -> No
                          f"{tuple(target.shape[-2:])}); choose layers with the same resolution")
 
 
-class IEConfig(MethodConfig):
-    """Settings shared by ``ie_kd`` and ``ie_dml``."""
-
-    variant: Variant = Field("at", description="Distance between factors: at (attention maps), ft (L1 of "
-                             "L2-normalised factors), od (L2 of ReLU'd, normalised factors).")
-    factor_ratio: float = Field(0.5, gt=0, le=4, description="Factor channels = round(ratio x the compacted "
-                                "feature's channels).")
-    inh_weight: float = Field(1.0, ge=0, description="Weight of the inheritance loss.")
-    exp_weight: float = Field(1.0, ge=0, description="Weight of the exploration loss (entered negated).")
-
-    def factor_channels(self, channels: int) -> int:
-        return max(1, round(self.factor_ratio * channels))
-
-
-class IEKDConfig(IEConfig):
-    """Settings of ``ie_kd``."""
-
-    phase: Literal["autoencoder", "student"] = Field("student", description="'autoencoder': train the "
-                                                     "auto-encoder on the frozen teacher (a stage of its own); "
-                                                     "'student': distill, with init: stage:<autoencoder stage>.")
-    teacher_layer: str = Field("stage3", description="Feature tap of the teacher's feature map to compact.")
-    student_layer: str = Field("stage3", description="Feature tap of the student's feature map to split "
-                               "(same spatial size as the teacher's).")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the CE.")
-
-
 class IEKD(Method):
     """Inheritance and exploration from a compacted, frozen teacher."""
 
     Config = IEKDConfig
-
-    @classmethod
-    def needs_for(cls, cfg: IEKDConfig) -> Needs:
-        if cfg.phase == "autoencoder":
-            return Needs(teacher=True, student=False, teacher_features=(cfg.teacher_layer,))
-        return Needs(teacher=True, labels=True, student_features=(cfg.student_layer,),
-                     teacher_features=(cfg.teacher_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         t = probe.teacher_features[self.cfg.teacher_layer]
@@ -188,30 +150,10 @@ class IEKD(Method):
         }
 
 
-class IEDMLConfig(IEConfig):
-    """Settings of ``ie_dml``."""
-
-    peer_arch: str = Field(description="Model name of the second student (trained from scratch with the first).")
-    student_layer: str = Field("stage3", description="Feature tap of the job's student.")
-    peer_layer: str = Field("stage3", description="Feature tap of the peer (same spatial size as the student's).")
-    kl_weight: float = Field(1.0, ge=0, description="Weight of the mutual-learning KL.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the mutual-learning KL.")
-    rec_weight: float = Field(1.0, ge=0, description="Weight of each auto-encoder's reconstruction loss.")
-
-    @field_validator("peer_arch")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_arch(v)
-
-
 class IEDML(Method):
     """Two students learning mutually, each inheriting from and exploring away from the other's factors."""
 
     Config = IEDMLConfig
-
-    @classmethod
-    def needs_for(cls, cfg: IEDMLConfig) -> Needs:
-        return Needs(teacher=False, labels=True, student_features=(cfg.student_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         cfg = self.cfg

@@ -21,38 +21,18 @@ global averages of the tapped maps (a vector tap such as ``flatten`` is used as 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, pooled
-from kd_cluster.methods.base import Method, Needs, SetupInfo, StepOutputs
-
-
-class PADConfig(CEKDConfig):
-    """Settings of ``pad``."""
-
-    student_layer: str = Field(description="Student feature tap, pooled to a vector (e.g. flatten, layer3).")
-    teacher_layer: str = Field(description="Teacher feature tap, pooled to a vector.")
-    mode: Literal["pad", "l2"] = Field("pad", description="pad: uncertainty-weighted distance; l2: plain "
-                                       "feature L2 through the connector (the warm-up stage).")
-    feature_weight: float = Field(1.0, ge=0.0, description="Weight of the feature term.")
-    eps: float = Field(1e-6, gt=0.0, description="Added to sigma^2 in the denominator.")
-    warmup_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the stage's steps over which "
-                                   "the uncertainty weighting ramps in linearly (0: from the first step).")
+from kd_cluster.methods._terms import ce_kd_terms, pooled
+from kd_cluster.methods.base import Method, SetupInfo, StepOutputs
+from kd_cluster.methods.settings import PADConfig
 
 
 class PAD(Method):
     """Uncertainty-weighted feature distillation with a learned per-dimension variance."""
 
     Config = PADConfig
-
-    @classmethod
-    def needs_for(cls, cfg: PADConfig) -> Needs:
-        return Needs(teacher=True, labels=True, student_features=(cfg.student_layer,),
-                     teacher_features=(cfg.teacher_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         s_dim = pooled(probe.student_features[self.cfg.student_layer]).shape[1]

@@ -28,39 +28,15 @@ must be off: the similarity task needs each view's source to be one image.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, SetupInfo, StepOutputs
+from kd_cluster.methods.base import Method, SetupInfo, StepOutputs
+from kd_cluster.methods.settings import SSKDConfig
 
 VIEWS = 4
 """The original and its rotations by 90, 180 and 270 degrees."""
-
-
-class SSKDConfig(MethodConfig):
-    """Settings of ``sskd``."""
-
-    phase: Literal["head", "student"] = Field("student", description="'head': train the teacher's "
-                                              "self-supervision head on the frozen teacher (a stage of its "
-                                              "own); 'student': distill, with the head from init: stage:<head stage>.")
-    teacher_layer: str = Field("flatten", description="Feature tap of the teacher's pooled feature (the "
-                               "input of its classifier).")
-    student_layer: str = Field("flatten", description="Feature tap of the student's pooled feature.")
-    ce_weight: float = Field(0.1, ge=0, description="Weight of the label CE on the originals.")
-    kd_weight: float = Field(0.9, ge=0, description="Weight of the KD term on the originals.")
-    tf_weight: float = Field(2.7, ge=0, description="Weight of the KD term on the rotated views.")
-    ss_weight: float = Field(10.0, ge=0, description="Weight of the similarity-matrix KL.")
-    kd_temperature: float = Field(4.0, gt=0, description="Temperature of the KD term on the originals.")
-    tf_temperature: float = Field(4.0, gt=0, description="Temperature of the KD term on the rotated views.")
-    ss_temperature: float = Field(0.5, gt=0, description="Temperature of the similarity-matrix KL.")
-    tf_keep: float = Field(1.0, ge=0, le=1, description="Fraction of the rotated views the teacher "
-                           "classifies wrongly that are kept (those whose true label ranks highest).")
-    ss_keep: float = Field(0.75, ge=0, le=1, description="Fraction of the similarity rows the teacher's "
-                           "head gets wrong that are kept (those whose true source ranks highest).")
 
 
 def rotate_views(x: torch.Tensor) -> torch.Tensor:
@@ -118,13 +94,6 @@ class SSKD(Method):
     """Self-supervised views + similarity-matrix distillation with filtered teacher errors."""
 
     Config = SSKDConfig
-
-    @classmethod
-    def needs_for(cls, cfg: SSKDConfig) -> Needs:
-        if cfg.phase == "head":
-            return Needs(teacher=True, student=False, teacher_features=(cfg.teacher_layer,))
-        return Needs(teacher=True, labels=True, student_features=(cfg.student_layer,),
-                     teacher_features=(cfg.teacher_layer,))
 
     def setup(self, probe: StepOutputs, info: SetupInfo) -> None:
         self.t_head = projection_head(probe.teacher_features[self.cfg.teacher_layer].flatten(1).shape[1])

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from kd_cluster.methods.base import Method, MethodConfig, Needs, StepOutputs, mixed_cross_entropy
-
-
-class SupervisedConfig(MethodConfig):
-    """Settings of ``supervised``."""
-
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the CE.")
+from kd_cluster.methods.base import Method, StepOutputs, mixed_cross_entropy
+from kd_cluster.methods.settings import SupervisedConfig
 
 
 class Supervised(Method):
     """Cross-entropy on the labels (mixup-aware); no teacher."""
 
     Config = SupervisedConfig
-    needs = Needs(teacher=False, labels=True)
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         return {"ce": mixed_cross_entropy(out.student_logits, out.labels, out.lam, self.cfg.label_smoothing)}
