@@ -32,7 +32,7 @@ from functools import partial
 import torch
 from torch import nn
 
-CIFAR_PREFIX = "cifar:"
+from kd_cluster.models.names import CIFAR_NAMES, CIFAR_PREFIX
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -267,3 +267,5 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 """Registry of the CIFAR family (names without the ``cifar:`` prefix): constructor taking
 ``num_classes=`` and ``in_chans=``."""
+assert tuple(CIFAR_MODELS) == CIFAR_NAMES, "a CIFAR model must also be named in models/names.py (torch-free)"
+

@@ -5,7 +5,8 @@ average pooling and a linear head. Children are named so that feature taps read 
 ``stage1``, ``pool1``, ``stage2``, ``pool2``, ``stage3``, ``pool``, ``flatten``, ``dropout``, ``head``
 (blocks inside a stage are ``stage2.0``, ``stage2.1``, each with ``conv``, ``bn``, ``relu``).
 
-``SMALL_MODELS`` is the registry: a new entry is picked up by ``build_model`` and by the tests.
+``SMALL_MODELS`` is the registry: a new entry (named in ``names.py`` too, where name checks find it without
+torch) is picked up by ``build_model`` and by the tests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from functools import partial
 
 import torch
 from torch import nn
+
+from kd_cluster.models.names import SMALL_NAMES
 
 
 class ConvBNReLU(nn.Sequential):
@@ -95,3 +98,4 @@ SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
     name: partial(SmallCNN, spec) for name, spec in SMALL_SPECS.items()
 }
 """Registry of the small CNNs: name -> constructor taking ``num_classes=`` and ``in_chans=``."""
+assert tuple(SMALL_MODELS) == SMALL_NAMES, "a small CNN must also be named in models/names.py (torch-free)"
