@@ -1,6 +1,22 @@
-"""Everything Ray: the driver, Ray Train wiring. The only package that imports ray."""
+"""Everything Ray: the driver, Ray Train wiring, the Jobs API client. The only package that imports ray.
 
-from kd_cluster.cluster.driver import (JobResult, StageFailed, ensure_ray, load_resolved_spec, run_job, run_root,
-                                       save_resolved_spec)
+Importing the package imports nothing heavy: ``kd_cluster.cluster.jobs_api`` needs only Ray's job submission
+client (and only when it talks to a cluster); the driver (torch, Ray Train) is imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_DRIVER = ("JobResult", "StageFailed", "ensure_ray", "load_resolved_spec", "run_job", "run_root", "save_resolved_spec")
+
+
+def __getattr__(name: str) -> Any:
+    """The driver's names, imported on first use."""
+    if name in _DRIVER:
+        return getattr(importlib.import_module("kd_cluster.cluster.driver"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["JobResult", "StageFailed", "ensure_ray", "load_resolved_spec", "run_job", "run_root", "save_resolved_spec"]

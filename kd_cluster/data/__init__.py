@@ -5,16 +5,38 @@ Finding: :func:`load_manifest` (URL, folder, or ``builtin://mnist5k/train``).
 Reading: :class:`TrainStream` + :func:`make_train_loader`, :class:`EvalStream`; batch mixup with
 :func:`mixup_lambda` and :func:`mixup`. The determinism contract is in :mod:`kd_cluster.data.stream`.
 
+Finding and reading manifests imports no torch (``kd-cluster validate`` opens them); the rest (streams,
+augmentation, writers: torch and webdataset) is imported on first use.
+
 This package imports nothing from the rest of kd_cluster, and never ray or wandb.
 """
 
-from .augment import AugmentParams, ViewParams, draw_views, image_size, mixup, mixup_lambda, render_views
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
-from .soft_labels import LabelConfig, LabelSet, StoredViews, read_labels
-from .stream import EvalStream, TrainStream, close_loader, make_eval_loader, make_train_loader, start_workers
-from .writer import Reencode, build_imagefolder, build_mnist5k, build_torchvision, shrink_image, write_split
+
+_LAZY = {
+    "AugmentParams": "augment", "ViewParams": "augment", "draw_views": "augment", "image_size": "augment",
+    "mixup": "augment", "mixup_lambda": "augment", "render_views": "augment",
+    "LabelConfig": "soft_labels", "LabelSet": "soft_labels", "StoredViews": "soft_labels", "read_labels": "soft_labels",
+    "EvalStream": "stream", "TrainStream": "stream", "close_loader": "stream", "make_eval_loader": "stream",
+    "make_train_loader": "stream", "start_workers": "stream",
+    "Reencode": "writer", "build_imagefolder": "writer", "build_mnist5k": "writer", "build_torchvision": "writer",
+    "shrink_image": "writer", "write_split": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch side of the package (streams, augmentation, writers), imported on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AugmentParams",
@@ -23,10 +45,10 @@ __all__ = [
     "LabelConfig",
     "LabelSet",
     "Manifest",
+    "Reencode",
     "ShardInfo",
     "StoredViews",
     "TrainStream",
-    "Reencode",
     "ViewParams",
     "build_imagefolder",
     "build_mnist5k",

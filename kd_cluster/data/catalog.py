@@ -12,16 +12,23 @@ from typing import Any
 
 from .errors import DataError
 from .manifest import Manifest, read_manifest
-from .writer import build_mnist5k
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin://"
 CACHE_ENV = "KD_CLUSTER_CACHE"
 
+
+
+def _mnist5k(out: str) -> object:
+    from .writer import build_mnist5k  # the writer (webdataset, hence torch) only when a set is built
+
+    return build_mnist5k(out, progress=False)
+
+
 # name -> (cache folder name; bump the version when the builder's output changes, builder(out_url))
 _BUILTINS: dict[str, tuple[str, Callable[[str], object]]] = {
-    "mnist5k": ("mnist5k-v1", lambda out: build_mnist5k(out, progress=False)),
+    "mnist5k": ("mnist5k-v1", _mnist5k),
 }
 _BUILTIN_SPLITS = ("train", "val")
 
