@@ -244,17 +244,19 @@ def evaluate(ref: ModelRef, data: str, out: str, *, teacher: ModelRef | None = N
         "loader_workers": loader_workers, "batch_size": batch_size, "amp": amp, **metrics, "wall_s": wall,
         "teacher": teacher.origin() if teacher else None,
         "run_final_eval": compare_with_run(metrics, ref.final_metrics) if ref.final_metrics else None,
-        "confusion_matrix": counts.confusion.tolist(), "confusion_png": png,
+        "confusion_matrix": counts.confusion.tolist(),
     }
-    confusion_png(counts.confusion, list(manifest.classes), png, f"{ref.label} on {manifest.name}/{manifest.split} "
-                  f"(top-1 {metrics['top1']:.4f})", out_endpoint_url)
+    result["confusion_png"] = confusion_png(counts.confusion, list(manifest.classes), png,
+                                            f"{ref.label} on {manifest.name}/{manifest.split} "
+                                            f"(top-1 {metrics['top1']:.4f})", out_endpoint_url)
     result["json"] = write_file(out, json.dumps(result, indent=2).encode(), out_endpoint_url)
     return result
 
 
 def confusion_png(confusion: np.ndarray, classes: list[str], path: str, title: str,
-                  endpoint_url: str | None = None) -> None:
-    """Write the row-normalised confusion matrix (counts annotated for up to 20 classes) as a PNG."""
+                  endpoint_url: str | None = None) -> str:
+    """Write the row-normalised confusion matrix (counts annotated for up to 20 classes) as a PNG; returns
+    where it went."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +287,7 @@ def confusion_png(confusion: np.ndarray, classes: list[str], path: str, title: s
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    write_file(path, buf.getvalue(), endpoint_url)
+    return write_file(path, buf.getvalue(), endpoint_url)
 
 
 __all__ = ["ECE_BINS", "EvalCounts", "EvalTask", "ShareRunner", "compare_with_run", "confusion_png", "evaluate",
