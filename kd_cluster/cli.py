@@ -30,7 +30,7 @@ def _jobs_dir() -> Path:
 
 def _load(job: str, overrides: list[str], check_data: str, profile: str | None = None) -> tuple[Any, list[Any]]:
     from kd_cluster.config import load_job
-    from kd_cluster.train import plan_job
+    from kd_cluster.train.plan import plan_job
 
     spec = load_job(job, overrides, profile)
     return spec, plan_job(spec, job, check_data=check_data)  # type: ignore[arg-type]
@@ -149,7 +149,7 @@ def _print_progress(p: dict[str, Any]) -> None:
     for s in p["stages"]:
         if s["state"] == "finished":
             steps = str(s["steps"])
-        elif s["state"] == "current":
+        elif s["state"] in ("current", "failed"):
             ck = s["checkpoint_step"]
             steps = f"checkpoint {ck} / {s['total_steps'] or '?'}" if ck is not None else \
                 f"no checkpoint yet / {s['total_steps'] or '?'}"
@@ -159,6 +159,11 @@ def _print_progress(p: dict[str, Any]) -> None:
         wall = f"{s['wall_s']:.1f}" if s.get("wall_s") is not None else "-"
         t.add_row(s["stage"], s["trains"], s["method"], s["state"], steps, top1, wall)
     console.print(t)
+    if p.get("state") == "failed":
+        f = p["failure"]
+        console.print(f"failed in stage {p['stage']}: {f['error']} ({f['time']}); `kd-cluster resume {p['run']}` "
+                      "continues it from its latest checkpoint", soft_wrap=True, markup=False, highlight=False)
+        return
     console.print("finished: every stage has its marker" if p["finished"] else
                   f"in stage [bold]{p['stage']}[/] (running, or stopped: `kd-cluster resume {p['run']}` continues it)",
                   soft_wrap=True)
@@ -167,19 +172,21 @@ def _print_progress(p: dict[str, Any]) -> None:
 def cmd_status(a: argparse.Namespace) -> int:
     import os
 
-    from kd_cluster.cluster import jobs_api
-
     if a.storage is not None or not (a.address or os.environ.get("RAY_ADDRESS")):
+        from kd_cluster.results.store import find_run, run_progress
+
         if not a.job:
             err.print("error: status needs a job id and a cluster address (--address/RAY_ADDRESS), "
                       "or a run name/URL (with --storage) for a run's progress from its storage")
             return EXIT_USER_ERROR
-        p = jobs_api.run_progress(jobs_api.find_run(a.job, a.storage or "./runs", a.endpoint_url), a.endpoint_url)
+        p = run_progress(find_run(a.job, a.storage or "./runs", a.endpoint_url), a.endpoint_url)
         if a.json:
             print(json.dumps(p, indent=2))
         else:
             _print_progress(p)
         return 0
+    from kd_cluster.cluster import jobs_api
+
     rows = [jobs_api.job_status(a.address, a.job)] if a.job else jobs_api.list_jobs(a.address)
     if a.json:
         print(json.dumps(rows[0] if a.job else rows, indent=2))
@@ -926,9 +933,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kd_cluster.config import SpecError
+# Errors a command may end with, by (module, class). Looked up in sys.modules only: an exception of a class
+# whose module was never imported cannot have been raised, and importing those modules here would import torch
+# and ray into every command.
+USER_ERRORS = (("kd_cluster.config.loader", "SpecError"), ("kd_cluster.data.errors", "DataError"),
+               ("kd_cluster.models.errors", "ModelError"), ("kd_cluster.methods", "MethodError"),
+               ("kd_cluster.results.store", "RunNotFound"))
+"""Mistakes in what the user asked for: one line, exit code 2."""
+FAILURES = (("kd_cluster.cluster.driver", "StageFailed"), ("kd_cluster.cluster.jobs_api", "ClusterError"),
+            ("kd_cluster.results.export", "ExportCheckFailed"))
+"""Work that failed for a reason the message names: one line, exit code 1."""
 
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options (`run job.yaml --no-ray a.b=1`), which argparse leaves over
@@ -936,44 +957,27 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    user_errors: tuple[type[BaseException], ...] = (SpecError, UsageError)
-    try:
-        from kd_cluster.data import DataError
-        from kd_cluster.methods import MethodError
-        from kd_cluster.models import ModelError
-
-        user_errors = (SpecError, DataError, ModelError, MethodError, UsageError)
-    except ImportError:  # pragma: no cover - partial installs
-        pass
     try:
         return int(args.fn(args) or 0)
-    except user_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
     except Exception as exc:
-        from kd_cluster.cluster.driver import StageFailed
-        from kd_cluster.cluster.jobs_api import ClusterError, RunNotFound
-        from kd_cluster.results.export import ExportCheckFailed
-        from kd_cluster.train.preempt import Preempted
-
-        if isinstance(exc, Preempted):
-            print(f"preempted: {exc}", file=sys.stderr)
-            return EXIT_PREEMPTED
-        if isinstance(exc, RunNotFound):
+        if isinstance(exc, (UsageError, *_loaded(USER_ERRORS))):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
+        if isinstance(exc, _loaded((("kd_cluster.train.preempt", "Preempted"),))):
+            print(f"preempted: {exc}", file=sys.stderr)
+            return EXIT_PREEMPTED
         if type(exc).__module__.startswith("botocore"):  # object storage refused us (credentials, endpoint)
             from kd_cluster.storage import describe_store_error
 
             print(f"error: object storage: {describe_store_error(exc)}", file=sys.stderr)
             return 1
-        if not isinstance(exc, (StageFailed, ClusterError, ExportCheckFailed)):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
+        if isinstance(exc, _loaded(FAILURES)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 RAY_FREE = ["kd_cluster.config", "kd_cluster.models", "kd_cluster.data", "kd_cluster.methods", "kd_cluster.optim",
-            "kd_cluster.teacher", "kd_cluster.train", "kd_cluster.storage", "kd_cluster.telemetry"]
+            "kd_cluster.teacher", "kd_cluster.train", "kd_cluster.storage", "kd_cluster.telemetry", "kd_cluster.results"]
 
 
 @pytest.mark.parametrize("module", RAY_FREE)
