@@ -75,7 +75,6 @@ def _print_job(result: Any) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     from kd_cluster.cluster import run_job
     from kd_cluster.config import load_job
-
     from kd_cluster.results import attempt
 
     spec = load_job(a.job, a.overrides, a.profile)
@@ -938,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
 # and ray into every command.
 USER_ERRORS = (("kd_cluster.config.loader", "SpecError"), ("kd_cluster.data.errors", "DataError"),
                ("kd_cluster.models.errors", "ModelError"), ("kd_cluster.methods", "MethodError"),
-               ("kd_cluster.results.store", "RunNotFound"))
+               ("kd_cluster.results.store", "RunNotFound"), ("kd_cluster.results.target", "TargetError"))
 """Mistakes in what the user asked for: one line, exit code 2."""
 FAILURES = (("kd_cluster.cluster.driver", "StageFailed"), ("kd_cluster.cluster.jobs_api", "ClusterError"),
             ("kd_cluster.results.export", "ExportCheckFailed"))

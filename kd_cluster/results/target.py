@@ -6,9 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kd_cluster.config import SpecError
 from kd_cluster.results.store import STAGE_MARKER, find_run, read_job, run_progress, spec_for_resume
 from kd_cluster.storage import Store, absolute
+
+
+class TargetError(ValueError):
+    """A model that cannot be used as asked (no such stage, a stage not finished, input settings that do not
+    fit the data); the message is one line."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,8 @@ class Preprocess:
         """(mean, std) for ``channels``: the given ones, or what training uses by default."""
         if self.mean is not None and self.std is not None:
             if len(self.mean) != channels or len(self.std) != channels:
-                raise ValueError(f"mean/std have {len(self.mean)}/{len(self.std)} values; the data has "
-                                 f"{channels} channel(s)")
+                raise TargetError(f"--mean/--std have {len(self.mean)}/{len(self.std)} values; the data has "
+                                  f"{channels} channel(s)")
             return list(self.mean), list(self.std)
         from kd_cluster.train.loop import default_normalization
 
@@ -92,13 +96,13 @@ def from_run(run: str, storage: str = "./runs", stage: str | None = None,
     elif stage in names:
         plan = plans[names.index(stage)]
     else:
-        raise SpecError(url, [f"--stage {stage!r}: the run has stages {', '.join(names)}"])
+        raise TargetError(f"{url}: --stage {stage!r}: the run has stages {', '.join(names)}")
     store = Store(plan.stage_url, spec.storage.endpoint_url)
     if not store.exists(STAGE_MARKER):
         prog = run_progress(url, endpoint_url)
         finished = [s["stage"] for s in prog["stages"] if s["state"] == "finished"]
-        raise SpecError(url, [f"stage {plan.stage!r} has not finished (run state: {prog['state']}, in stage "
-                              f"{prog['stage']}); finished stages: {', '.join(finished) or 'none'} (--stage)"])
+        raise TargetError(f"{url}: stage {plan.stage!r} has not finished (run state: {prog['state']}, in stage "
+                          f"{prog['stage']}); finished stages: {', '.join(finished) or 'none'} (--stage)")
     marker = store.read_json(STAGE_MARKER)
     s = plan.spec
     norm = s.data.normalize
@@ -111,4 +115,4 @@ def from_run(run: str, storage: str = "./runs", stage: str | None = None,
                     final_metrics=dict(marker.get("final_metrics", {})))
 
 
-__all__ = ["ModelRef", "Preprocess", "from_run", "from_weights"]
+__all__ = ["ModelRef", "Preprocess", "TargetError", "from_run", "from_weights"]
