@@ -233,9 +233,11 @@ def evaluate(ref: ModelRef, data: str, out: str, *, teacher: ModelRef | None = N
     t0 = time.perf_counter()
     if num_workers > 1 and runner is not None:
         counts, wall = runner(task, num_workers)
-    else:
+    else:  # the shares one after the other, in this process
         counts = functools.reduce(lambda a, b: a + b, (evaluate_share(task, r, num_workers) for r in range(num_workers)))
         wall = time.perf_counter() - t0
+        if num_workers > 1:
+            counts.seconds = wall
     metrics = summarize(counts, list(manifest.classes))
     stem = out[:-5] if out.endswith(".json") else out
     png = f"{stem}.confusion.png"
