@@ -642,23 +642,25 @@ def cmd_runs(a: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     t = Table(title=f"{len(rows)} runs under {a.storage}")
-    for col in ("run", "stage", "state", "steps", "final top-1", "wall s"):
-        t.add_column(col)
+    t.add_column("run", overflow="fold", min_width=min(24, max((len(p["run"]) for p in rows), default=3)))
+    for col in ("stage", "progress", "top-1", "wall s"):
+        t.add_column(col, overflow="fold")
     colors = {"finished": "green", "failed": "red", "in progress": "cyan", "unreadable": "red"}
     for p in rows:
         head = f"{escape(p['run'])}\n[{colors.get(p['state'], 'white')}]{p['state']}[/]"
         if not p["stages"]:
-            t.add_row(head, "-", "-", "-", "-", "-")
+            t.add_row(head, "-", "-", "-", "-")
         for i, s in enumerate(p["stages"]):
             total = s["total_steps"] or "?"
             if s["state"] == "finished":
-                steps = f"{s['steps']} / {s['steps']}"
+                progress = f"finished, {s['steps']} steps"
             elif s["state"] in ("current", "failed"):
                 ck = s["checkpoint_step"]
-                steps = f"checkpoint {ck} / {total}" if ck is not None else f"no checkpoint / {total}"
+                where = f"checkpoint {ck} / {total}" if ck is not None else f"no checkpoint / {total}"
+                progress = f"{'failed' if s['state'] == 'failed' else 'in progress'}: {where}"
             else:
-                steps = f"0 / {total}"
-            t.add_row(head if i == 0 else "", s["stage"], {"current": "in progress"}.get(s["state"], s["state"]), steps,
+                progress = f"pending: 0 / {total}"
+            t.add_row(head if i == 0 else "", s["stage"], progress,
                       f"{s['top1']:.4f}" if s.get("top1") is not None else "-",
                       f"{s['wall_s']:.1f}" if s.get("wall_s") is not None else "-")
         t.add_section()
