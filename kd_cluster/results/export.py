@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ import kd_cluster
 from kd_cluster.results.store import write_file
 from kd_cluster.results.target import ModelRef
 
-Format = Literal["onnx", "torchscript", "safetensors"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "safetensors")
 META_KEY = "kd_cluster"
 """ONNX metadata prop / TorchScript extra file (``.json``) / safetensors metadata key of the full metadata."""
@@ -63,7 +62,7 @@ def metadata(ref: ModelRef, fmt: str, classes: list[str], channels: int, mean: l
     p = ref.preprocess
     inside = fmt != "safetensors"
     return {
-        "format": fmt, "producer": f"kd-cluster {getattr(kd_cluster, '__version__', '')}".strip(),
+        "format": fmt, "producer": f"kd-cluster {kd_cluster.__version__}",
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "arch": ref.arch, "num_classes": len(classes), "classes": classes,
         "input": {"name": "image", "dtype": "uint8" if inside else "float32", "layout": "NCHW", "channels": channels,
