@@ -19,11 +19,12 @@ from typing import Any
 
 from kd_cluster.models.errors import ModelError
 from kd_cluster.models.names import available_models, check_model_name
+from kd_cluster.models.normalization import default_normalization
 
 _LAZY = {"CIFAR_MODELS": "cifar", "SMALL_MODELS": "small", "SmallCNN": "small", "TappedModel": "taps",
          "feature_node_names": "taps", "build_model": "registry", "count_parameters": "registry",
          "load_weights": "weights", "save_weights": "weights", "weights_sha256": "weights", "Normalizer": "runtime",
-         "default_normalization": "runtime", "keep_freed_memory": "runtime", "CompiledModule": "runtime", "maybe_compile": "runtime"}
+         "keep_freed_memory": "runtime", "CompiledModule": "runtime", "maybe_compile": "runtime"}
 
 
 def check_taps(arch: str, taps: Sequence[str]) -> None:

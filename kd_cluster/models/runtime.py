@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd_cluster.models.normalization import default_normalization
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's maximum; larger allocations still get their own mapping
@@ -103,13 +105,6 @@ class CompiledModule(nn.Module):
 def maybe_compile(module: nn.Module, enabled: bool, what: str) -> nn.Module:
     """``CompiledModule(module)`` when ``enabled``, else ``module``."""
     return CompiledModule(module, what) if enabled else module
-
-
-def default_normalization(channels: int) -> tuple[list[float], list[float]]:
-    """ImageNet statistics for RGB, 0.5/0.5 for grayscale."""
-    if channels == 3:
-        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    return [0.5] * channels, [0.5] * channels
 
 
 __all__ = ["CompiledModule", "Normalizer", "default_normalization", "keep_freed_memory", "maybe_compile"]

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from kd_cluster.teacher.plan import MemberPlan, TeacherPlan, View
+
 Batch = dict[str, Any]
 TeacherOutputs = tuple[torch.Tensor, dict[str, torch.Tensor]]
 """(logits, {tap name: feature}) in float32 on the training device."""
-
-View = Literal["same", "center", "independent"]
 
 VIEWS: dict[str, tuple[str, ...]] = {"same": ("aug",), "center": ("aug", "center"), "independent": ("aug", "aug2")}
 """The stream views a training batch carries for a teacher of each view kind (see ``kd_cluster.data``)."""
@@ -70,62 +70,6 @@ class TeacherEval:
 
     logits: torch.Tensor
     members: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MemberPlan:
-    """One frozen network of the teacher (a single teacher has one member)."""
-
-    name: str
-    arch: str
-    weights: str | None
-    """Absolute weights URI (``stage:`` references already resolved by the planner)."""
-    weight: float = 1.0
-    """Relative weight in an ensemble's probability average."""
-    taps: tuple[str, ...] = ()
-    """Feature taps the method gets from this member."""
-    replicas: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    resource: str | None = None
-
-
-@dataclass(frozen=True)
-class TeacherPlan:
-    """The teacher of one stage, resolved by the planner: the teacher's own part of the job (picklable)."""
-
-    placement: str
-    members: tuple[MemberPlan, ...]
-    view: View
-    num_classes: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    endpoint_url: str | None
-    method_name: str
-    """The stage's method, whose expansion a teacher running elsewhere applies itself."""
-    method_params: dict[str, Any] = field(default_factory=dict)
-    amp: bool = True
-    channels_last: bool = False
-    compile: bool = False
-    """torch.compile the teacher's networks (``resources.compile``)."""
-    prefetch: int = 1
-    max_in_flight: int = 4
-    request_timeout_s: float = 120.0
-    max_retries: int = 5
-    max_restarts: int = 3
-    labels: str | None = None
-    """Placement ``stored``: the label set (folder or ``labels.json``) to replay."""
-    seed: int = 0
-    """The job's seed (placement ``stored`` picks the replayed view of each sample and pass from it)."""
-    label_expect: dict[str, Any] = field(default_factory=dict)
-    """Placement ``stored``: what the stage expects of the label set (teacher, image size, augmentation, data);
-    checked when the labels are opened (``kd_cluster.data.soft_labels.label_mismatches``)."""
-
-    @property
-    def is_ensemble(self) -> bool:
-        """Whether the teacher averages several members."""
-        return len(self.members) > 1
 
 
 @dataclass
@@ -184,6 +128,10 @@ class Teacher:
         """Release what the teacher holds (threads, in-process servers). Default: nothing."""
 
 
+TeacherBuilder = Callable[[TeacherPlan, TeacherContext, MemberPlan], "Teacher"]
+"""What a placement registers: builds one member's :class:`Teacher` on a training worker."""
+
+
 def teacher_input(inp: StepInput) -> torch.Tensor:
     """The tensor a teacher on the training device sees, for the method's view of the step."""
     if inp.view.kind == "same":
@@ -196,5 +144,5 @@ def teacher_input(inp: StepInput) -> torch.Tensor:
     return inp.view.expand(xt)
 
 
-__all__ = ["VIEWS", "Batch", "MemberPlan", "StepInput", "Teacher", "TeacherContext", "TeacherEval", "TeacherOutputs",
-           "TeacherPlan", "TeacherView", "View", "teacher_input"]
+__all__ = ["VIEWS", "Batch", "MemberPlan", "StepInput", "Teacher", "TeacherBuilder", "TeacherContext", "TeacherEval",
+           "TeacherOutputs", "TeacherPlan", "TeacherView", "View", "teacher_input"]
