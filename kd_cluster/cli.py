@@ -549,18 +549,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if not data:
         err.print(f"error: {ref.label} has no validation split (data.val): pass --data URL")
         return EXIT_USER_ERROR
-    teacher = None
+    teacher: tuple[Any, ...] = ()
     if a.teacher == "job":
-        if not ref.teacher_arch:
+        if not ref.teacher:
             err.print(f"error: --teacher job: {ref.label} was not trained against a teacher; name one "
                       "(a run, or weights with --teacher-arch)")
             return EXIT_USER_ERROR
-        from kd_cluster.results.target import ModelRef
-
-        teacher = ModelRef(arch=ref.teacher_arch, weights=ref.teacher_weights, preprocess=ref.preprocess,
-                           endpoint_url=ref.endpoint_url)
+        teacher = ref.teacher
     elif a.teacher:
-        teacher = _ref(a.teacher, a, a.teacher_stage, a.teacher_arch, "teacher")
+        teacher = _ref(a.teacher, a, a.teacher_stage, a.teacher_arch, "teacher").as_teacher()
     runner = None
     if a.num_workers > 1:
         from kd_cluster.cluster.evaluation import evaluate_on_ray
@@ -568,7 +565,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         runner = functools.partial(evaluate_on_ray, address=a.address, cpus_per_worker=a.cpus_per_worker,
                                    gpus_per_worker=1.0 if a.device.startswith("cuda") else 0.0)
     out = a.out or f"eval-{ref.label.replace('/', '-')}.json"
-    res = evaluate(ref, data, out, teacher=teacher, data_endpoint_url=a.data_endpoint_url,
+    res = evaluate(ref, data, out, teacher=teacher, teacher_endpoint_url=a.endpoint_url,
+                   data_endpoint_url=a.data_endpoint_url,
                    out_endpoint_url=a.endpoint_url, batch_size=a.batch_size, loader_workers=a.loader_workers,
                    device=a.device, amp=a.amp, num_workers=a.num_workers, runner=runner)
     if a.json:

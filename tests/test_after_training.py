@@ -80,10 +80,9 @@ def test_eval_shares_add_up_and_ece_matches_its_definition(finished: dict[str, A
     import torch
 
     from kd_cluster.data import AugmentParams, EvalStream, load_manifest
-    from kd_cluster.models import build_model, load_weights
+    from kd_cluster.models import Normalizer, build_model, default_normalization, load_weights
     from kd_cluster.results.evaluate import evaluate_share, summarize, task_for
     from kd_cluster.results.target import from_run
-    from kd_cluster.train.loop import Normalizer, default_normalization
 
     ref = from_run(RUN, finished["storage"])
     task = task_for(ref, "builtin://mnist5k/val", batch_size=100, loader_workers=0, device="cpu")
@@ -135,8 +134,7 @@ def test_export_onnx_is_checked_and_carries_its_metadata(finished: dict[str, Any
     import torch
 
     from kd_cluster.data import AugmentParams, EvalStream, load_manifest
-    from kd_cluster.models import build_model, load_weights
-    from kd_cluster.train.loop import Normalizer, default_normalization
+    from kd_cluster.models import Normalizer, build_model, default_normalization, load_weights
 
     out = tmp_path / "x" / "student.onnx"
     assert main(["export", RUN, "--storage", finished["storage"], "--format", "onnx", "--out", str(out),
@@ -148,8 +146,8 @@ def test_export_onnx_is_checked_and_carries_its_metadata(finished: dict[str, Any
     assert json.loads(props["classes"]) == [str(i) for i in range(10)] == meta["classes"]
     assert props["input_size"] == "1x28x28" and json.loads(props["mean"]) == [0.5] and json.loads(props["std"]) == [0.5]
     assert meta["source"]["run"] == RUN and meta["source"]["stage"] == "distill"
-    assert meta["source"]["teacher"]["arch"] == "cnn_s"
-    assert meta["source"]["teacher"]["weights"].endswith("teacher/model.safetensors")
+    assert [t["arch"] for t in meta["source"]["teacher"]] == ["cnn_s"]
+    assert meta["source"]["teacher"][0]["weights"].endswith("teacher/model.safetensors")
     assert json.loads((tmp_path / "x" / "student.onnx.json").read_text())["classes"] == meta["classes"]
 
     # uint8 in, logits out, any batch size, equal to the run's torch model with its normalisation
@@ -186,7 +184,7 @@ def test_export_torchscript_and_safetensors_carry_metadata(finished: dict[str, A
     with safe_open(str(st), "pt") as f:
         meta = f.metadata()
     assert json.loads(meta["kd_cluster"])["normalization"]["applied"].startswith("by the user")
-    assert meta["run"] == RUN and json.loads(meta["teacher"])["arch"] == "cnn_s"
+    assert meta["run"] == RUN and json.loads(meta["teacher"])[0]["arch"] == "cnn_s"
 
 
 def _browser() -> str | None:

@@ -15,12 +15,12 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from kd_cluster.results.target import ModelRef
+from kd_cluster.results.target import Member, ModelRef
 
 ECE_BINS = 15
 
@@ -45,8 +45,8 @@ class EvalTask:
     """"auto" (cuda when available), "cpu", "cuda" or "cuda:N"."""
     amp: bool = False
     """bf16 autocast on a GPU (what training's evaluation does with ``resources.amp``); ignored on CPU."""
-    teacher_arch: str | None = None
-    teacher_weights: str | None = None
+    teacher: tuple[Member, ...] = ()
+    """The teacher's member(s): an ensemble's logits are ``log(sum_i w_i softmax(z_i))``, as in training."""
     teacher_endpoint_url: str | None = None
 
 
@@ -81,16 +81,16 @@ class EvalCounts:
                           has_teacher=self.has_teacher, seconds=max(self.seconds, other.seconds))
 
 
-def task_for(ref: ModelRef, data: str, *, teacher: ModelRef | None = None, data_endpoint_url: str | None = None,
-             batch_size: int = 256, loader_workers: int = 1, device: str = "auto", amp: bool = False) -> EvalTask:
-    """The evaluation of ``ref`` (and ``teacher``, for agreement) on the split at ``data``."""
+def task_for(ref: ModelRef, data: str, *, teacher: tuple[Member, ...] = (), teacher_endpoint_url: str | None = None,
+             data_endpoint_url: str | None = None, batch_size: int = 256, loader_workers: int = 1,
+             device: str = "auto", amp: bool = False) -> EvalTask:
+    """The evaluation of ``ref`` (and of ``teacher``, and the agreement with it) on the split at ``data``."""
     p = ref.preprocess
     return EvalTask(arch=ref.arch, weights=ref.weights, data=data, image_size=p.image_size,
                     eval_resize_ratio=p.eval_resize_ratio, mean=p.mean, std=p.std,
                     weights_endpoint_url=ref.endpoint_url, data_endpoint_url=data_endpoint_url,
                     batch_size=batch_size, loader_workers=loader_workers, device=device, amp=amp,
-                    teacher_arch=teacher.arch if teacher else None, teacher_weights=teacher.weights if teacher else None,
-                    teacher_endpoint_url=teacher.endpoint_url if teacher else None)
+                    teacher=teacher, teacher_endpoint_url=teacher_endpoint_url)
 
 
 def _device(name: str) -> Any:
@@ -110,9 +110,9 @@ def evaluate_share(task: EvalTask, rank: int = 0, world_size: int = 1) -> EvalCo
     import torch
 
     from kd_cluster.data import AugmentParams, EvalStream, close_loader, load_manifest, make_eval_loader
-    from kd_cluster.models import build_model, load_weights
+    from kd_cluster.models import Normalizer, build_model, load_weights
     from kd_cluster.storage import storage_options
-    from kd_cluster.train.loop import Normalizer
+    from kd_cluster.teacher.ensemble import combine
 
     device = _device(task.device)
     manifest = load_manifest(task.data, storage_options(task.data, task.data_endpoint_url))
@@ -126,8 +126,13 @@ def evaluate_share(task: EvalTask, rank: int = 0, world_size: int = 1) -> EvalCo
             device, memory_format=torch.channels_last if on_gpu else torch.preserve_format)
 
     model = model_at(task.arch, task.weights, task.weights_endpoint_url)
-    teacher = (model_at(task.teacher_arch, task.teacher_weights, task.teacher_endpoint_url)
-               if task.teacher_arch and task.teacher_weights else None)
+    members = [model_at(m.arch, m.weights, task.teacher_endpoint_url) for m in task.teacher]
+
+    def teacher_logits(x: torch.Tensor) -> torch.Tensor:
+        with amp:
+            logits = [t(x).float() for t in members]
+        return logits[0] if len(logits) == 1 else combine(logits, [m.weight for m in task.teacher])
+
     from kd_cluster.results.target import Preprocess
 
     mean, std = Preprocess(task.image_size, task.eval_resize_ratio, task.mean, task.std).normalization(k)
@@ -162,9 +167,8 @@ def evaluate_share(task: EvalTask, rank: int = 0, world_size: int = 1) -> EvalCo
                 ece[0] += torch.bincount(bins, minlength=ECE_BINS).double()
                 ece[1] += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
                 ece[2] += torch.bincount(bins, weights=hit, minlength=ECE_BINS)
-                if teacher is not None:
-                    with amp:
-                        t_pred = teacher(x).float().argmax(dim=1)
+                if members:
+                    t_pred = teacher_logits(x).argmax(dim=1)
                     extra[1] += (t_pred == y).sum()
                     extra[2] += (t_pred == pred).sum()
         confusion_np = confusion.view(c, c).cpu().numpy()
@@ -173,7 +177,7 @@ def evaluate_share(task: EvalTask, rank: int = 0, world_size: int = 1) -> EvalCo
         close_loader(loader)
     return EvalCounts(confusion=confusion_np, top5=int(extra_np[0]), ece_count=ece_np[0].round().astype(np.int64),
                       ece_confidence=ece_np[1], ece_correct=ece_np[2].round().astype(np.int64),
-                      teacher_correct=int(extra_np[1]), agree=int(extra_np[2]), has_teacher=teacher is not None,
+                      teacher_correct=int(extra_np[1]), agree=int(extra_np[2]), has_teacher=bool(members),
                       seconds=time.perf_counter() - t0)
 
 
@@ -214,7 +218,8 @@ ShareRunner = Callable[[EvalTask, int], tuple[EvalCounts, float]]
 the wall time."""
 
 
-def evaluate(ref: ModelRef, data: str, out: str, *, teacher: ModelRef | None = None,
+def evaluate(ref: ModelRef, data: str, out: str, *, teacher: tuple[Member, ...] = (),
+             teacher_endpoint_url: str | None = None,
              data_endpoint_url: str | None = None, out_endpoint_url: str | None = None, batch_size: int = 256,
              loader_workers: int = 1, device: str = "auto", amp: bool = False, num_workers: int = 1,
              runner: ShareRunner | None = None) -> dict[str, Any]:
@@ -228,8 +233,9 @@ def evaluate(ref: ModelRef, data: str, out: str, *, teacher: ModelRef | None = N
     from kd_cluster.storage import storage_options
 
     manifest = load_manifest(data, storage_options(data, data_endpoint_url))
-    task = task_for(ref, data, teacher=teacher, data_endpoint_url=data_endpoint_url, batch_size=batch_size,
-                    loader_workers=loader_workers, device=device, amp=amp)
+    task = task_for(ref, data, teacher=teacher, teacher_endpoint_url=teacher_endpoint_url,
+                    data_endpoint_url=data_endpoint_url, batch_size=batch_size, loader_workers=loader_workers,
+                    device=device, amp=amp)
     t0 = time.perf_counter()
     if num_workers > 1 and runner is not None:
         counts, wall = runner(task, num_workers)
@@ -244,7 +250,7 @@ def evaluate(ref: ModelRef, data: str, out: str, *, teacher: ModelRef | None = N
     result: dict[str, Any] = {
         "model": ref.origin(), "data": data, "device": str(_device(device)), "num_workers": num_workers,
         "loader_workers": loader_workers, "batch_size": batch_size, "amp": amp, **metrics, "wall_s": wall,
-        "teacher": teacher.origin() if teacher else None,
+        "teacher": [asdict(m) for m in teacher] or None,
         "run_final_eval": compare_with_run(metrics, ref.final_metrics) if ref.final_metrics else None,
         "confusion_matrix": counts.confusion.tolist(),
     }

@@ -84,12 +84,11 @@ def load_series(run: str, run_url: str, endpoint_url: str | None = None,
     spec, _ = spec_for_resume(run_url, endpoint_url)
     states = {s["stage"]: s["state"] for s in run_progress(run_url, endpoint_url)["stages"]}
     out = []
-    for name, trains, eff in stage_specs(spec):
+    for name, trains, eff, arch in stage_specs(spec):
         path = metrics_path(eff, name, metrics_dir)
         records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
         store = Store(join(run_url, name), endpoint_url)
         marker = store.read_json(STAGE_MARKER) if store.exists(STAGE_MARKER) else None
-        arch = eff.teacher.arch if trains == "teacher" and eff.teacher else eff.student.arch
         out.append(Series(run=spec.name, stage=name, trains=trains, arch=arch, method=eff.method.name,
                           state=states.get(name, "?"), metrics_file=str(path), records=records, marker=marker))
     return out

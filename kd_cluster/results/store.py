@@ -68,9 +68,17 @@ def spec_for_resume(run_url: str, endpoint_url: str | None = None) -> tuple[JobS
     return spec, meta.get("source", RESOLVED_SPEC)
 
 
-def stage_specs(spec: JobSpec) -> list[tuple[str, str, JobSpec]]:
-    """(stage name, what it trains, its effective spec) for every stage of a job, in order."""
-    return [(s.name, s.trains, stage_spec(spec, s) if spec.stages else spec) for s in stages_of(spec)]
+def stage_specs(spec: JobSpec) -> list[tuple[str, str, JobSpec, str]]:
+    """(stage name, what it trains, its effective spec, the architecture it trains) for every stage of a job."""
+    out = []
+    for s in stages_of(spec):
+        eff = stage_spec(spec, s) if spec.stages else spec
+        arch = eff.student.arch
+        if s.trains == "teacher" and eff.teacher is not None:
+            member = next((m for m in eff.teacher.members if m.key == s.member), None)
+            arch = member.arch if member is not None else (eff.teacher.arch or arch)
+        out.append((s.name, s.trains, eff, arch))
+    return out
 
 
 def _failure(store: Store) -> dict[str, Any] | None:
@@ -87,10 +95,9 @@ def run_progress(run_url: str, endpoint_url: str | None = None) -> dict[str, Any
     meta = root.read_json(RESOLVED_SPEC)
     failure = _failure(root)
     stages, current = [], None
-    for name, trains, eff in stage_specs(spec):
+    for name, trains, eff, arch in stage_specs(spec):
         store = Store(join(run_url, name), endpoint_url)
-        row: dict[str, Any] = {"stage": name, "trains": trains, "method": eff.method.name,
-                               "arch": (eff.teacher.arch if trains == "teacher" and eff.teacher else eff.student.arch),
+        row: dict[str, Any] = {"stage": name, "trains": trains, "method": eff.method.name, "arch": arch,
                                "total_steps": eff.schedule.steps}
         if store.exists(STAGE_MARKER):
             m = store.read_json(STAGE_MARKER)

@@ -3,7 +3,7 @@ together with the input it expects (size, channels, normalisation, the eval resi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kd_cluster.results.store import STAGE_MARKER, find_run, read_job, run_progress, spec_for_resume
@@ -33,9 +33,18 @@ class Preprocess:
                 raise TargetError(f"--mean/--std have {len(self.mean)}/{len(self.std)} values; the data has "
                                   f"{channels} channel(s)")
             return list(self.mean), list(self.std)
-        from kd_cluster.train.loop import default_normalization
+        from kd_cluster.models import default_normalization
 
         return default_normalization(channels)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of a teacher (a single teacher has one): architecture, weights, weight in the ensemble."""
+
+    arch: str
+    weights: str
+    weight: float = 1.0
 
 
 @dataclass
@@ -55,9 +64,8 @@ class ModelRef:
     """The run's validation split (the default data of ``eval``)."""
     data_train: str | None = None
     data_endpoint_url: str | None = None
-    teacher_arch: str | None = None
-    """The teacher this stage was trained against (methods that use one), and its weights."""
-    teacher_weights: str | None = None
+    teacher: tuple[Member, ...] = ()
+    """The teacher this stage was trained against (methods that use one): its member(s)."""
     final_metrics: dict[str, float] = field(default_factory=dict)
     """The stage's final metrics (its last evaluation), from ``stage.json``."""
 
@@ -70,8 +78,11 @@ class ModelRef:
         """Where the model came from, for metadata."""
         return {"run": self.run, "stage": self.stage, "run_url": self.run_url, "job_source": self.job_source,
                 "weights": self.weights, "arch": self.arch,
-                "teacher": ({"arch": self.teacher_arch, "weights": self.teacher_weights}
-                            if self.teacher_arch else None)}
+                "teacher": [asdict(m) for m in self.teacher] or None}
+
+    def as_teacher(self) -> tuple[Member, ...]:
+        """This model as the one member of a teacher."""
+        return (Member(self.arch, self.weights),)
 
 
 def from_weights(uri: str, arch: str, preprocess: Preprocess, endpoint_url: str | None = None) -> ModelRef:
@@ -111,8 +122,9 @@ def from_run(run: str, storage: str = "./runs", stage: str | None = None,
     return ModelRef(arch=plan.arch, weights=plan.artifact_url, preprocess=pre, endpoint_url=spec.storage.endpoint_url,
                     run=spec.name, stage=plan.stage, run_url=url, job_source=read_job(url, endpoint_url).get("source"),
                     data_val=s.data.val, data_train=s.data.train, data_endpoint_url=s.data.endpoint_url,
-                    teacher_arch=plan.teacher_arch, teacher_weights=plan.teacher_weights,
+                    teacher=tuple(Member(m.arch, m.weights, m.weight) for m in plan.teacher.members)
+                    if plan.teacher else (),
                     final_metrics=dict(marker.get("final_metrics", {})))
 
 
-__all__ = ["ModelRef", "Preprocess", "TargetError", "from_run", "from_weights"]
+__all__ = ["Member", "ModelRef", "Preprocess", "TargetError", "from_run", "from_weights"]
