@@ -12,14 +12,17 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import simplejpeg
-import torch
 from PIL import Image
 
 from ._util import SeedTag, seeded_rng
 from .errors import DataError
+
+if TYPE_CHECKING:  # only mixup takes tensors, and calls no torch function: drawing views needs no torch
+    import torch
 
 VIEWS = ("aug", "aug2", "center")
 """View names: Inception crop (+ flip), a second independent one, and the eval (center) transform."""

@@ -17,13 +17,14 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
+from kd_cluster.models.digest import weights_sha256
 from kd_cluster.models.errors import ModelError
 from kd_cluster.models.names import available_models, check_model_name
 from kd_cluster.models.normalization import default_normalization
 
 _LAZY = {"CIFAR_MODELS": "cifar", "SMALL_MODELS": "small", "SmallCNN": "small", "TappedModel": "taps",
          "feature_node_names": "taps", "build_model": "registry", "count_parameters": "registry",
-         "load_weights": "weights", "save_weights": "weights", "weights_sha256": "weights", "Normalizer": "runtime",
+         "load_weights": "weights", "save_weights": "weights", "Normalizer": "runtime",
          "keep_freed_memory": "runtime", "CompiledModule": "runtime", "maybe_compile": "runtime"}
 
 

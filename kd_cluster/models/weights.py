@@ -14,6 +14,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+from kd_cluster.models.digest import weights_sha256  # noqa: F401  (re-exported)
 from kd_cluster.models.errors import ModelError
 
 NESTED_KEYS = ("state_dict", "model", "student")
@@ -104,25 +105,6 @@ def save_weights(model: nn.Module, uri: str, *, storage_options: dict[str, Any] 
             fs.pipe_file(path, data)
         except FileNotFoundError as exc:  # e.g. the bucket does not exist
             raise ModelError(f"cannot write weights to {uri!r}: {exc}") from exc
-
-
-def weights_sha256(uri: str, *, storage_options: dict[str, Any] | None = None) -> str | None:
-    """SHA-256 of a weights file's bytes (what a label set records of the teacher); None when it cannot be read."""
-    import hashlib
-
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        h = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    except (OSError, ValueError):
-        return None
-    except Exception as exc:  # noqa: BLE001 - object-store clients raise their own types
-        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs"):
-            return None
-        raise
-    return h.hexdigest()
 
 
 def _standalone_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
