@@ -552,8 +552,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     teacher: tuple[Any, ...] = ()
     if a.teacher == "job":
         if not ref.teacher:
-            err.print(f"error: --teacher job: {ref.label} was not trained against a teacher; name one "
-                      "(a run, or weights with --teacher-arch)")
+            err.print(f"error: --teacher job: {ref.label} was not trained against a teacher whose weights can be "
+                      "loaded; name one (a run, or weights with --teacher-arch)")
             return EXIT_USER_ERROR
         teacher = ref.teacher
     elif a.teacher:

@@ -124,7 +124,7 @@ def test_eval_of_weights_with_arch_and_user_errors(finished: dict[str, Any], tmp
     assert main(["eval", RUN, "--storage", finished["storage"], "--stage", "nope"]) == 2
     assert "the run has stages teacher, distill" in capsys.readouterr().err
     assert main(["eval", RUN, "--storage", finished["storage"], "--stage", "teacher", "--teacher", "job"]) == 2
-    assert "was not trained against a teacher" in capsys.readouterr().err
+    assert "was not trained against a teacher whose weights can be loaded" in capsys.readouterr().err
 
 
 def test_export_onnx_is_checked_and_carries_its_metadata(finished: dict[str, Any], tmp_path: Path, capsys: Any,

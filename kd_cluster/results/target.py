@@ -65,7 +65,8 @@ class ModelRef:
     data_train: str | None = None
     data_endpoint_url: str | None = None
     teacher: tuple[Member, ...] = ()
-    """The teacher this stage was trained against (methods that use one): its member(s)."""
+    """The teacher this stage was trained against (methods that use one): its member(s); empty when it has none
+    whose weights can be loaded."""
     final_metrics: dict[str, float] = field(default_factory=dict)
     """The stage's final metrics (its last evaluation), from ``stage.json``."""
 
@@ -123,7 +124,7 @@ def from_run(run: str, storage: str = "./runs", stage: str | None = None,
                     run=spec.name, stage=plan.stage, run_url=url, job_source=read_job(url, endpoint_url).get("source"),
                     data_val=s.data.val, data_train=s.data.train, data_endpoint_url=s.data.endpoint_url,
                     teacher=tuple(Member(m.arch, m.weights, m.weight) for m in plan.teacher.members)
-                    if plan.teacher else (),
+                    if plan.teacher and all(m.weights for m in plan.teacher.members) else (),
                     final_metrics=dict(marker.get("final_metrics", {})))
 
 
