@@ -547,14 +547,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ref = _ref(a.target, a, a.stage, a.arch, "target")
     data = a.data or ref.data_val
     if not data:
-        err.print(f"error: {ref.label} has no validation split (data.val): pass --data URL")
-        return EXIT_USER_ERROR
+        raise UsageError(f"{ref.label} has no validation split (data.val): pass --data URL")
     teacher: tuple[Any, ...] = ()
     if a.teacher == "job":
         if not ref.teacher:
-            err.print(f"error: --teacher job: {ref.label} was not trained against a teacher whose weights can be "
-                      "loaded; name one (a run, or weights with --teacher-arch)")
-            return EXIT_USER_ERROR
+            raise UsageError(f"--teacher job: {ref.label} was not trained against a teacher whose weights can be "
+                             "loaded; name one (a run, or weights with --teacher-arch)")
         teacher = ref.teacher
     elif a.teacher:
         teacher = _ref(a.teacher, a, a.teacher_stage, a.teacher_arch, "teacher").as_teacher()
@@ -599,8 +597,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     ref = _ref(a.run, a, a.stage, a.arch, "target")
     data = a.data or ref.data_val or ref.data_train
     if not data:
-        err.print(f"error: {ref.label}: no split to check the export on: pass --data URL")
-        return EXIT_USER_ERROR
+        raise UsageError(f"{ref.label}: no split to check the export on: pass --data URL")
     res = export(ref, a.format, a.out, data=data, data_endpoint_url=a.data_endpoint_url,
                  out_endpoint_url=a.endpoint_url, tolerance=a.tolerance, opset=a.opset)
     if a.json:
