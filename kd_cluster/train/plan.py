@@ -342,10 +342,12 @@ def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str,
 def check_here(plans: list[StagePlan], source: str) -> None:
     """Rules that depend on the machine the stages train on, for a job that trains on this one (``validate``,
     ``run`` without a cluster address): ``data.decode: gpu`` needs CUDA and nvImageCodec here."""
-    from kd_cluster.data.gpu_decode import cuda_problem
-
     gpu = [p.stage for p in plans if p.spec.data.decode == "gpu"]
-    problem = cuda_problem() if gpu else None
+    if not gpu:
+        return
+    from kd_cluster.data.gpu_decode import cuda_problem  # torch: only for a job that decodes on the GPU
+
+    problem = cuda_problem()
     if problem:
         where = "" if len(gpu) == len(plans) else f" (stages {', '.join(gpu)})"
         raise SpecError(source, [problem + where])
