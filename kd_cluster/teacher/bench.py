@@ -69,7 +69,7 @@ class _Student:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from kd_cluster.models import build_model, maybe_compile
-        from kd_cluster.train.loop import Normalizer
+        from kd_cluster.models import Normalizer
 
         on_gpu = device.type == "cuda"
         channels_last = on_gpu and b.channels_last
