@@ -937,6 +937,7 @@ USER_ERRORS = (("kd_cluster.config.loader", "SpecError"), ("kd_cluster.data.erro
                ("kd_cluster.results.store", "RunNotFound"), ("kd_cluster.results.target", "TargetError"))
 """Mistakes in what the user asked for: one line, exit code 2."""
 FAILURES = (("kd_cluster.cluster.driver", "StageFailed"), ("kd_cluster.cluster.jobs_api", "ClusterError"),
+            ("kd_cluster.train.checkpoint", "NoValidCheckpoint"),
             ("kd_cluster.results.export", "ExportCheckFailed"))
 """Work that failed for a reason the message names: one line, exit code 1."""
 
