@@ -329,6 +329,10 @@ class FaultToleranceSpec(Strict):
                                 "'time-based checkpoint due?' (one tiny CPU all-reduce).")
     upload_retry_s: float = Field(600.0, gt=0, description="How long a checkpoint upload keeps retrying an "
                                   "unreachable store (exponential backoff) before that checkpoint is given up.")
+    lease_timeout_s: float = Field(120.0, gt=0, description="A driver refreshes the run's lease (lease.json in "
+                                   "the run folder) every lease_timeout_s / 4 s; a second run/resume of the run is "
+                                   "refused, and --force takes a lease over only once its heartbeat is older than "
+                                   "this (what a killed or preempted driver leaves).")
 
 
 class StorageSpec(Strict):
