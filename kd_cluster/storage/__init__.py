@@ -167,8 +167,8 @@ class CheckpointStore:
         """
         pointer, _ = self.pointer()
         if pointer is None:  # no pointer yet, or an unreadable one: the complete folders stand in for it
-            pointer = {"committed": [s for s, _ in self.manifests()], "checksums": dict(
-                (str(s), m) for s, m in self.manifests())}
+            complete = self.manifests()
+            pointer = {"committed": [s for s, _ in complete], "checksums": {str(s): m for s, m in complete}}
         if files is not None:
             self.store.write_json(self._rel(self.dirname(step), self.MANIFEST), {"step": step, "files": files})
         committed = sorted({int(s) for s in pointer.get("committed", []) if int(s) < step}) + [step]

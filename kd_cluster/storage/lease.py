@@ -202,10 +202,18 @@ class RunLease:
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                os.link(tmp, target)  # atomic create-if-absent
+                os.link(tmp, target)  # atomic create-if-absent, of a complete file
                 return True
             except FileExistsError:
                 return False
+            except OSError:  # a file system without hard links: an exclusive create, then the content
+                try:
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self._payload())
+                return True
             finally:
                 os.unlink(tmp)
         try:
