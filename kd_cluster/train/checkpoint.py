@@ -1,10 +1,11 @@
 """Checkpoints: what they hold, a fast snapshot on the training thread, the upload in the background.
 
-A checkpoint of step ``n`` is two files under ``<stage>/checkpoints/step_<n>/``:
+A checkpoint of step ``n`` is these files under ``<stage>/checkpoints/step_<n>/``:
 
 ``state.pt``  model, method modules, optimizer (Shampoo's preconditioners included), LR schedule,
               step, and run metadata (run name = W&B run id, data-cursor settings, resolved spec);
-``rng.pt``    the RNG states of every rank (torch CPU/CUDA, Python), gathered to rank 0.
+``rng.pt``    the RNG states of every rank (torch CPU/CUDA, Python), gathered to rank 0;
+``manifest.json``  each file's size and SHA-256 (also recorded in ``latest.json``).
 
 The data cursor is the step itself: streams are pure functions of (seed, rank, loader worker, step).
 
@@ -228,15 +229,22 @@ class Restored:
 
 
 def _read(ckpts: CheckpointStore, step: int, name: str, retry_s: float) -> bytes | None:
-    """A file's bytes, or None when it does not exist; other store errors are retried for ``retry_s``."""
+    """A file's bytes, or None when it does not exist. A file that cannot be read (permissions) is damage;
+    any other store error (unreachable, throttled) is retried for ``retry_s`` and then raised: an outage must
+    not make a restore fall back to an older checkpoint."""
 
-    def once() -> bytes | None:
+    def once() -> tuple[bytes | None, str | None]:
         try:
-            return ckpts.read_file(step, name)
+            return ckpts.read_file(step, name), None
         except FileNotFoundError:
-            return None
+            return None, None
+        except (PermissionError, IsADirectoryError) as exc:  # the file, not the store: no retry helps
+            return None, f"{name} cannot be read ({exc.strerror or exc})"
 
-    return with_retry(once, what=f"checkpoint step {step}: read {name}", deadline_s=retry_s)[0]
+    (data, problem), _ = with_retry(once, what=f"checkpoint step {step}: read {name}", deadline_s=retry_s)
+    if problem is not None:
+        raise CheckpointDamaged(problem)
+    return data
 
 
 def read_verified(ckpts: CheckpointStore, step: int, files: dict[str, dict[str, Any]] | None,
