@@ -267,6 +267,7 @@ def _exact_job(tmp_path, storage) -> "Path":
              schedule={"steps": 12, "warmup_steps": 2, "log_every": 4, "eval_every": 12, "checkpoint_every": 4,
                        "keep_checkpoints": 3})
     d["augment"]["mixup_alpha"] = 0.0
+    d["data"].update(val=None, batch_size=16, loader_workers=0)  # no eval, no loader process: seconds per run
     d["telemetry"]["wandb_dir"] = str(tmp_path / "tel" / "wandb")
     p = tmp_path / "fallback.yaml"
     p.write_text(yaml.safe_dump(d))
@@ -342,3 +343,18 @@ def test_no_checkpoint_verifies_stops_the_run_with_one_line(uninterrupted, tmp_p
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "no checkpoint under" in lines[0] and all(f"step {s}: state.pt has 4 bytes" in lines[0] for s in (4, 8, 12))
+
+
+def test_unreachable_store_stops_the_restore_rather_than_falling_back(tmp_path, monkeypatch) -> None:
+    """An outage is no damage: falling back would drop the newer checkpoints at the next commit."""
+    from kd_cluster.train.checkpoint import load_verified
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    _writer_checkpoints(ckpts, (4, 8))
+
+    def unreachable(step: int, name: str) -> bytes:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(ckpts, "read_file", unreachable)
+    with pytest.raises(ConnectionError):
+        load_verified(ckpts, retry_s=0.2)
