@@ -28,20 +28,20 @@ def run_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def test_second_driver_is_refused_until_the_heartbeat_is_stale(run_store: Store) -> None:
-    first = RunLease(run_store, timeout_s=2.0, run="r")
+    first = RunLease(run_store, timeout_s=30.0, run="r", heartbeat_s=0.3)  # far from stale under any load
     first.acquire()
     try:
         held = json.loads(run_store.read_bytes(LEASE))
         assert held["owner"] == first.info.owner and held["pid"] == os.getpid() and held["host"]
         with pytest.raises(LeaseHeld, match=f"run 'r' is being written by owner {first.info.owner} "
                                             f"\\(pid {os.getpid()} on .*\\).*add --force to take over"):
-            RunLease(run_store, timeout_s=2.0, run="r").acquire()
+            RunLease(run_store, timeout_s=30.0, run="r").acquire()
         with pytest.raises(LeaseHeld, match="--force takes over only a lease whose heartbeat is older than"):
-            RunLease(run_store, timeout_s=2.0, run="r").acquire(force=True)
+            RunLease(run_store, timeout_s=30.0, run="r").acquire(force=True)
         time.sleep(1.2)  # the heartbeat moves on while the first driver lives
         assert json.loads(run_store.read_bytes(LEASE))["heartbeat"] > held["heartbeat"]
-        # seen from a clock 10 s ahead, the first driver's heartbeat is stale: --force takes over
-        taker = RunLease(run_store, timeout_s=2.0, run="r", clock=lambda: time.time() + 10)
+        # seen from a clock 60 s ahead, the first driver's heartbeat is stale: --force takes over
+        taker = RunLease(run_store, timeout_s=30.0, run="r", clock=lambda: time.time() + 60)
         with pytest.raises(LeaseHeld):
             taker.acquire()
         taker.acquire(force=True)
