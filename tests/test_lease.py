@@ -79,7 +79,7 @@ def test_lease_of_a_process_gone_on_this_machine_is_taken_without_force(run_stor
 
 def _job(tiny_job: Any, storage: dict[str, Any]) -> Path:
     return tiny_job("leased", stages=[], teacher=None, method={"name": "supervised"}, student={"arch": "cnn_xs"},
-                    resources={"num_workers": 1}, storage=storage, fault_tolerance={"lease_timeout_s": 6},
+                    resources={"num_workers": 1}, storage=storage, fault_tolerance={"lease_timeout_s": 15},
                     schedule={"steps": 100000, "warmup_steps": 0, "log_every": 1, "eval_every": 100000,
                               "checkpoint_every": 100000})
 
@@ -116,8 +116,8 @@ def test_two_drivers_of_one_run(where: str, tiny_job: Any, tmp_path: Path, reque
     assert lease["pid"] == first.pid
     store.write_bytes(LEASE, json.dumps({**lease, "machine": "another-machine"}).encode())  # a pid means nothing
     with pytest.raises(LeaseHeld, match="--force takes over only"):
-        RunLease(store, timeout_s=6, run="leased").acquire(force=True)
-    while time.time() - json.loads(store.read_bytes(LEASE))["heartbeat"] <= 6:  # the dead driver's lease goes stale
+        RunLease(store, timeout_s=15, run="leased").acquire(force=True)
+    while time.time() - json.loads(store.read_bytes(LEASE))["heartbeat"] <= 15:  # the dead driver's lease goes stale
         time.sleep(0.2)
     forced = subprocess.run([*cmd, "--force", "schedule.steps=2", "schedule.eval_every=2"], capture_output=True,
                             text=True, timeout=600)
