@@ -77,8 +77,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     from kd_cluster.config import load_job
     from kd_cluster.results import attempt
 
+    from kd_cluster.cluster.driver import run_lease
+
     spec = load_job(a.job, a.overrides, a.profile)
-    with attempt(spec):  # a failure is recorded in the run's folder (kd-cluster runs shows it)
+    # one driver per run (refused before anything is written); a failure is recorded in the run's folder
+    with run_lease(spec, force=a.force), attempt(spec):
         result = run_job(spec, a.job, use_ray=not a.no_ray, address=a.address,
                          on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
                                                           f"{p.arch} ({p.spec.method.name})"))
@@ -245,7 +248,9 @@ def cmd_resume(a: argparse.Namespace) -> int:
     console.print(f"resuming run {spec.name} ({where}) here{' without Ray' if a.no_ray else ''}", soft_wrap=True)
     from kd_cluster.results import attempt
 
-    with attempt(spec):
+    from kd_cluster.cluster.driver import run_lease
+
+    with run_lease(spec, force=a.force), attempt(spec):
         result = run_job(spec, source, use_ray=not a.no_ray,
                          on_stage=lambda p: console.print(f"[bold]stage {p.stage}[/]: {p.total_steps} steps, "
                                                           f"{p.arch} ({p.spec.method.name})"))
@@ -694,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-ray", action="store_true", help="run the same loop in this process, without Ray")
     r.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:' (e.g. smoke)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    r.add_argument("--force", action="store_true", help="take over the run from a driver whose lease heartbeat is older than fault_tolerance.lease_timeout_s (one that was killed or preempted)")
     r.set_defaults(fn=cmd_run)
 
 
@@ -747,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--storage", default="./runs", help="storage path the run lives under (default ./runs)")
     rs.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// storage")
     rs.add_argument("--no-ray", action="store_true", help="run here in this process, without Ray (even with an address)")
+    rs.add_argument("--force", action="store_true", help="take over the run from a driver whose lease heartbeat is older than fault_tolerance.lease_timeout_s (one that was killed or preempted)")
     cluster_opts(rs)
     env_opts(rs)
     rs.set_defaults(fn=cmd_resume)
@@ -934,9 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
 # and ray into every command.
 USER_ERRORS = (("kd_cluster.config.loader", "SpecError"), ("kd_cluster.data.errors", "DataError"),
                ("kd_cluster.models.errors", "ModelError"), ("kd_cluster.methods", "MethodError"),
-               ("kd_cluster.results.store", "RunNotFound"), ("kd_cluster.results.target", "TargetError"))
+               ("kd_cluster.results.store", "RunNotFound"), ("kd_cluster.results.target", "TargetError"),
+               ("kd_cluster.storage.lease", "LeaseHeld"))
 """Mistakes in what the user asked for: one line, exit code 2."""
 FAILURES = (("kd_cluster.cluster.driver", "StageFailed"), ("kd_cluster.cluster.jobs_api", "ClusterError"),
+            ("kd_cluster.train.checkpoint", "NoValidCheckpoint"),
             ("kd_cluster.results.export", "ExportCheckFailed"))
 """Work that failed for a reason the message names: one line, exit code 1."""
 

@@ -136,3 +136,225 @@ def test_store_unreachable_during_checkpoint(s3) -> None:
         assert ckpts.latest() == 2  # the resume point is the last complete checkpoint
     finally:
         server.stop()
+
+
+# --- verified checkpoints: damage after commit is passed over for the newest checkpoint that verifies ---------
+
+def _writer_checkpoints(ckpts: CheckpointStore, steps: tuple[int, ...], keep: int = 3) -> None:
+    writer = CheckpointWriter(ckpts, keep=keep, retry_s=5)
+    for step in steps:
+        writer.submit(step, {"state.pt": {"step": step, "w": torch.arange(step)}, "rng.pt": [{"r": step}]})
+        assert writer.flush().ok
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def test_writer_records_sizes_and_checksums_in_latest_and_manifest(tmp_path) -> None:
+    import hashlib
+    import json
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    _writer_checkpoints(ckpts, (4, 8))
+    latest = json.loads((tmp_path / "stage" / "checkpoints" / "latest.json").read_text())
+    assert latest["committed"] == [4, 8] and set(latest["checksums"]) == {"4", "8"}
+    for step in (4, 8):
+        data = ckpts.read_file(step, "state.pt")
+        assert latest["checksums"][str(step)]["state.pt"] == {"size": len(data),
+                                                              "sha256": hashlib.sha256(data).hexdigest()}
+        assert ckpts.manifest(step) == latest["checksums"][str(step)]
+
+
+@pytest.mark.parametrize("damage", ["truncated_state", "flipped_rng", "missing_state", "garbage_latest"])
+def test_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, damage: str, caplog) -> None:
+    from kd_cluster.train.checkpoint import load_verified
+
+    root = tmp_path / "stage" / "checkpoints"
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    _writer_checkpoints(ckpts, (4, 8, 12))
+    step12 = root / CheckpointStore.dirname(12)
+    if damage == "truncated_state":
+        (step12 / "state.pt").write_bytes((step12 / "state.pt").read_bytes()[:100])
+    elif damage == "flipped_rng":
+        (step12 / "rng.pt").write_bytes(_flip((step12 / "rng.pt").read_bytes(), 60))
+    elif damage == "missing_state":
+        (step12 / "state.pt").unlink()
+    else:  # latest.json garbage and the newest folder damaged: the complete folders stand in for the pointer
+        (root / "latest.json").write_bytes(b"\x00{not json")
+        (step12 / "state.pt").write_bytes(_flip((step12 / "state.pt").read_bytes(), 200))
+    with caplog.at_level("WARNING", logger="kd_cluster.train.checkpoint"):
+        restored = load_verified(ckpts)
+    assert restored is not None and restored.step == 8 and restored.state["step"] == 8
+    assert restored.rngs == [{"r": 8}] and restored.skipped and restored.skipped[-1].startswith("step 12: ")
+    assert any("step 12" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+
+
+def test_garbage_latest_recovers_the_newest_complete_folder(tmp_path) -> None:
+    from kd_cluster.train.checkpoint import load_verified
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    _writer_checkpoints(ckpts, (4, 8))
+    ckpts.write_file(12, "state.pt", b"a writer died here")  # no manifest: never counted as complete
+    (tmp_path / "stage" / "checkpoints" / "latest.json").write_text('{"step": "eight"')
+    restored = load_verified(ckpts)
+    assert restored is not None and restored.step == 8
+    _writer_checkpoints(ckpts, (12,))  # the next commit rewrites the pointer from the complete folders
+    assert ckpts.latest_info()["committed"] == [4, 8, 12]
+
+
+def test_no_checkpoint_verifies_is_one_line_listing_each(tmp_path) -> None:
+    from kd_cluster.train.checkpoint import NoValidCheckpoint, load_verified
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    assert load_verified(ckpts) is None  # nothing written: a fresh start
+    _writer_checkpoints(ckpts, (4, 8))
+    for step in (4, 8):
+        (tmp_path / "stage" / "checkpoints" / CheckpointStore.dirname(step) / "state.pt").write_bytes(b"x")
+    with pytest.raises(NoValidCheckpoint) as exc:
+        load_verified(ckpts)
+    msg = str(exc.value)
+    assert "\n" not in msg and "step 8: state.pt has 1 bytes" in msg and "step 4: state.pt has 1 bytes" in msg
+    (tmp_path / "stage" / "checkpoints" / "latest.json").write_text("garbage")
+    for step in (4, 8):
+        (tmp_path / "stage" / "checkpoints" / CheckpointStore.dirname(step) / "manifest.json").unlink()
+    with pytest.raises(NoValidCheckpoint, match="latest.json is not valid JSON.*no step folder has a complete"):
+        load_verified(ckpts)
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path) -> None:
+    """A run written before checksums were recorded: the files are checked by loading them."""
+    from kd_cluster.train.checkpoint import load_verified
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    for step in (4, 8):  # as the writer of older versions committed: files, then the pointer, no checksums
+        ckpts.write_file(step, "state.pt", serialize({"step": step}))
+        ckpts.write_file(step, "rng.pt", serialize([{"r": step}]))
+        ckpts.commit(step, keep=3)
+    assert "checksums" not in ckpts.latest_info() or not ckpts.latest_info()["checksums"]
+    restored = load_verified(ckpts)
+    assert restored is not None and restored.step == 8 and restored.files is None
+    ckpts.write_file(8, "state.pt", serialize({"step": 8})[:500])  # damaged: it no longer loads
+    restored = load_verified(ckpts)
+    assert restored is not None and restored.step == 4 and "state.pt does not load" in restored.skipped[0]
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_falls_back_on_s3(s3) -> None:
+    from kd_cluster.train.checkpoint import load_verified
+
+    s3.bucket("verify")
+    store = Store("s3://verify/run/stage", endpoint_url=s3.endpoint)
+    ckpts = CheckpointStore(store)
+    _writer_checkpoints(ckpts, (4, 8))
+    ckpts.write_file(8, "state.pt", ckpts.read_file(8, "state.pt")[:100])  # truncated after the commit
+    restored = load_verified(ckpts)
+    assert restored is not None and restored.step == 4 and "state.pt has 100 bytes" in restored.skipped[0]
+    store.write_bytes("checkpoints/latest.json", b"\xff\xfe")
+    assert load_verified(ckpts).step == 4
+
+
+def _exact_job(tmp_path, storage) -> "Path":
+    import copy
+
+    import yaml
+
+    from conftest import TINY
+
+    d = copy.deepcopy(TINY)
+    d.update(name="fallback", stages=[], teacher=None, method={"name": "supervised"}, student={"arch": "cnn_m"},
+             resources={"num_workers": 1}, storage={"path": str(storage)},
+             schedule={"steps": 12, "warmup_steps": 2, "log_every": 4, "eval_every": 12, "checkpoint_every": 4,
+                       "keep_checkpoints": 3})
+    d["augment"]["mixup_alpha"] = 0.0
+    d["data"].update(val=None, batch_size=16, loader_workers=0)  # no eval, no loader process: seconds per run
+    d["telemetry"]["wandb_dir"] = str(tmp_path / "tel" / "wandb")
+    p = tmp_path / "fallback.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A --no-ray run of 12 steps (dropout in the student, checkpoints at 4, 8, 12), run once: its storage folder
+    and its final weights."""
+    from kd_cluster.cluster import run_job
+    from kd_cluster.config import load_job
+
+    base = tmp_path_factory.mktemp("uninterrupted")
+    job = _exact_job(base, base / "runs")
+    run_job(load_job(job), str(job), use_ray=False)
+    stage = base / "runs" / "fallback" / "main"
+    assert CheckpointStore(Store(str(stage))).latest_info()["committed"] == [4, 8, 12]
+    return base / "runs", (stage / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("damage", "resumes_at"), [("truncated_state", 8), ("flipped_rng", 8),
+                                                    ("missing_files", 4), ("garbage_latest", 12)])
+def test_fallback_run_ends_identical_to_the_uninterrupted_run(uninterrupted, tmp_path, capsys, damage: str,
+                                                              resumes_at: int) -> None:
+    """The finished run's storage, with its completion marker removed (a run stopped after its last checkpoint)
+    and a checkpoint damaged: the same command resumes from the newest checkpoint that verifies, and the weights
+    it ends with are bitwise those of the uninterrupted run, which passed through that checkpoint."""
+    import shutil
+
+    from kd_cluster.cluster import run_job
+    from kd_cluster.config import load_job
+
+    runs, final = uninterrupted
+    shutil.copytree(runs, tmp_path / "runs")
+    stage = tmp_path / "runs" / "fallback" / "main"
+    for done in ("stage.json", "model.safetensors"):
+        (stage / done).unlink()
+    ck = stage / "checkpoints"
+    step = {s: ck / CheckpointStore.dirname(s) for s in (4, 8, 12)}
+    if damage == "truncated_state":
+        (step[12] / "state.pt").write_bytes((step[12] / "state.pt").read_bytes()[:1000])
+    elif damage == "flipped_rng":
+        (step[12] / "rng.pt").write_bytes(_flip((step[12] / "rng.pt").read_bytes(), 300))
+    elif damage == "missing_files":
+        (step[12] / "state.pt").unlink()
+        (step[8] / "rng.pt").unlink()
+    else:
+        (ck / "latest.json").write_text("{{{ not json")
+    job = _exact_job(tmp_path, tmp_path / "runs")
+    res = run_job(load_job(job), str(job), use_ray=False)
+    assert res.stages["main"]["resumed_from"] == resumes_at
+    out = capsys.readouterr().out
+    assert f"resumed from checkpoint at step {resumes_at}" in out
+    assert (stage / "model.safetensors").read_bytes() == final
+    assert CheckpointStore(Store(str(stage))).latest() == 12
+
+
+def test_no_checkpoint_verifies_stops_the_run_with_one_line(uninterrupted, tmp_path, capsys) -> None:
+    import shutil
+
+    from kd_cluster.cli import main
+
+    runs, _ = uninterrupted
+    shutil.copytree(runs, tmp_path / "runs")
+    stage = tmp_path / "runs" / "fallback" / "main"
+    (stage / "stage.json").unlink()
+    for s in (4, 8, 12):
+        (stage / "checkpoints" / CheckpointStore.dirname(s) / "state.pt").write_bytes(b"PK\x03\x04")
+    job = _exact_job(tmp_path, tmp_path / "runs")
+    assert main(["run", str(job), "--no-ray"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "no checkpoint under" in lines[0] and all(f"step {s}: state.pt has 4 bytes" in lines[0] for s in (4, 8, 12))
+
+
+def test_unreachable_store_stops_the_restore_rather_than_falling_back(tmp_path, monkeypatch) -> None:
+    """An outage is no damage: falling back would drop the newer checkpoints at the next commit."""
+    from kd_cluster.train.checkpoint import load_verified
+
+    ckpts = CheckpointStore(Store(str(tmp_path / "stage")))
+    _writer_checkpoints(ckpts, (4, 8))
+
+    def unreachable(step: int, name: str) -> bytes:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(ckpts, "read_file", unreachable)
+    with pytest.raises(ConnectionError):
+        load_verified(ckpts, retry_s=0.2)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -337,3 +338,76 @@ def test_max_side_in_parallel_gives_the_same_shards(tmp_path: Path) -> None:
         Reencode(4)
     with pytest.raises(DataError, match="--quality must be in 1..100"):
         Reencode(64, quality=0)
+
+
+# ------------------------------------------------------------------------------------ hostile samples in a shard
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid grayscale PNG of side x side zero pixels: a few hundred KiB that decode to side**2 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + one zero byte per pixel
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_skipped_as_corrupt_without_decoding(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 10,000 x 10,000 PNG (10^8 pixels: under PIL's own error threshold, so PIL would decode it) is dropped
+    from its batch and counted, and no image decode of its pixels is ever started."""
+    from PIL import ImageFile
+
+    from kd_cluster.data.augment import MAX_IMAGE_PIXELS, ImageTooLarge, image_size
+
+    bomb = _png_bomb(10_000)
+    assert len(bomb) < 1 << 20 and 10_000 ** 2 > MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLarge, match="10000 x 10000"):
+        image_size(bomb)
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self: ImageFile.ImageFile) -> Any:
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    samples = [(_png(i), "png", 0) for i in range(4)]
+    samples[2] = (bomb, "png", 0)
+    m = write_split(samples, str(tmp_path / "ds"), name="bomb", split="val", classes=["a"], channels=3,
+                    shard_size=4, progress=False)
+    (batch,) = list(EvalStream(m, batch_size=4, rank=0, world_size=1, augment=AugmentParams(image_size=8)))
+    assert batch["corrupt"] == 1 and batch["key"] == ["000000000", "000000001", "000000003"]
+    assert (10_000, 10_000) not in loads and len(loads) == 3  # the three good images were decoded, not the bomb
+
+
+def test_tar_member_climbing_out_is_never_written_and_counts_as_corrupt(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    m = write_split([(_png(i), "png", 0) for i in range(3)], str(tmp_path / "a" / "b" / "ds"), name="evil",
+                    split="val", classes=["a"], channels=3, shard_size=3, progress=False)
+    shard = Path(m.shards[0].url)
+    with tarfile.open(shard) as tf:
+        members = [(mb, tf.extractfile(mb).read()) for mb in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:  # sample 1 renamed to ../../x, an absolute name is sample 2's
+        for mb, data in members:
+            if mb.name.startswith("000000001."):
+                mb.name = "../../x." + mb.name.split(".", 1)[1]
+            elif mb.name.startswith("000000002."):
+                mb.name = "/tmp/kdc-evil-" + tmp_path.name + "." + mb.name.split(".", 1)[1]
+            tf.addfile(mb, io.BytesIO(data))
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative write of ../../x would land in tmp_path/a
+    before = {p for p in tmp_path.rglob("*")}
+    (batch,) = list(EvalStream(m, batch_size=3, rank=0, world_size=1, augment=AugmentParams(image_size=8)))
+    assert batch["corrupt"] == 2 and batch["key"] == ["000000000"]
+    assert {p for p in tmp_path.rglob("*")} == before
+    assert not list(Path("/tmp").glob(f"kdc-evil-{tmp_path.name}*"))
+    raw = read_shard(m.shards[0])
+    assert raw[0] is not None and raw[1] is None and raw[2] is None

@@ -247,10 +247,12 @@ def test_ray_teacher_actor_killed_mid_run_every_step_once(ray_cluster: str, tiny
                              "checkpoint_every": 40})
     metrics = tmp_path / "tel" / "metrics" / "kill" / "distill.jsonl"
     killed: list[str] = []
+    run_over = threading.Event()
 
     def killer() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline:
+        # waits on the run's progress (its distill log reaching step 6), however long the teacher stage and
+        # Ray's start-up take on a loaded machine; gives up only when the run is over
+        while not run_over.is_set():
             if metrics.exists() and any(json.loads(x)["step"] >= 6 for x in metrics.read_text().splitlines()):
                 handle = ray.get_actor(actor_name("kill", "distill", 0))
                 killed.append(handle._actor_id.hex())
@@ -260,8 +262,11 @@ def test_ray_teacher_actor_killed_mid_run_every_step_once(ray_cluster: str, tiny
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
-    th.join(5)
+    try:
+        run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
+    finally:
+        run_over.set()
+        th.join(30)
     assert killed, "the teacher actor was never killed"
     log = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in log] == list(range(2, 41, 2))  # every log step, once

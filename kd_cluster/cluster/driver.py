@@ -14,6 +14,7 @@ from typing import Any
 
 from kd_cluster.config import JobSpec
 from kd_cluster.storage import Store, absolute, is_remote, join, storage_options
+from kd_cluster.storage.lease import RunLease
 from kd_cluster.train import LocalSession, StagePlan, check_here, plan_job, run_stage, stage_done
 
 
@@ -158,6 +159,16 @@ def load_resolved_spec(run_url: str, endpoint_url: str | None = None) -> JobSpec
     return JobSpec.model_validate(store.read_json(RESOLVED_SPEC)["spec"])
 
 
+def run_lease(spec: JobSpec, force: bool = False) -> RunLease:
+    """Take the run's lease (one driver writes a run at a time): raises :class:`LeaseHeld` naming the live
+    owner; ``force`` takes over a lease whose heartbeat is older than ``fault_tolerance.lease_timeout_s``.
+    Use as a context manager: the lease is given back when the block ends."""
+    lease = RunLease(Store(run_root(spec), spec.storage.endpoint_url),
+                     timeout_s=spec.fault_tolerance.lease_timeout_s, run=spec.name)
+    lease.acquire(force=force)
+    return lease
+
+
 def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | None = None,
             on_stage: Any = None) -> JobResult:
     """Run every unfinished stage of a job in order; a re-run resumes the unfinished stage."""
@@ -201,4 +212,4 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
 
 
 __all__ = ["RESOLVED_SPEC", "JobResult", "StageFailed", "ensure_ray", "fit_stage_ray", "load_resolved_spec", "run_job",
-           "run_root", "save_resolved_spec", "stage_cpus"]
+           "run_lease", "run_root", "save_resolved_spec", "stage_cpus"]

@@ -29,17 +29,104 @@ class SpecError(ValueError):
         super().__init__(f"{source}: invalid job spec\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+MAX_BYTES = 1 << 20
+"""The largest job file read (1 MiB; real ones are a few KiB)."""
+MAX_DEPTH = 32
+"""The deepest nesting of mappings and lists a job file may have (real ones use about 5 levels)."""
+
+
+MAX_NODES = 100_000
+"""The most values a job file may hold once its YAML aliases (``*name``) are expanded."""
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """(nesting depth, number of values) of the YAML in ``text`` with its aliases expanded, from the parser's
+    event stream: no recursion and nothing built, so neither a deep file nor aliases that multiply (a "billion
+    laughs" file) cost more than reading it. Stops counting once a limit is passed."""
+    stack: list[list[Any]] = [[None, 0, 0]]  # per open collection: anchor, values in it, height below it
+    anchors: dict[str, tuple[int, int]] = {}
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([event.anchor, 1, 0])
+            if len(stack) - 1 > MAX_DEPTH:
+                return len(stack) - 1, stack[0][1]
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, size, height = stack.pop()
+            node = (size, height + 1)
+            if anchor:
+                anchors[anchor] = node
+        elif isinstance(event, yaml.ScalarEvent):
+            node = (1, 0)
+            if event.anchor:
+                anchors[event.anchor] = node
+        elif isinstance(event, yaml.AliasEvent):
+            node = anchors.get(event.anchor, (1, 0))
+        else:
+            continue
+        top = stack[-1]
+        top[1] += node[0]
+        top[2] = max(top[2], node[1])
+        if len(stack) - 1 + node[1] > MAX_DEPTH or sum(f[1] for f in stack) > MAX_NODES:
+            return len(stack) - 1 + node[1], sum(f[1] for f in stack)
+    return stack[0][2], stack[0][1]
+
+
+def _non_string_key(data: Any, where: str = "") -> str | None:
+    """The dotted place of the first mapping key that is not a string (YAML reads ``1:``, ``true:`` and ``~:``
+    as a number, a boolean and null), or None."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if not isinstance(k, str):
+                return f"{where or 'top level'}: key {k!r} is a {type(k).__name__}, keys must be names"
+            inner = _non_string_key(v, f"{where}.{k}" if where else k)
+            if inner:
+                return inner
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            inner = _non_string_key(v, f"{where}[{i}]")
+            if inner:
+                return inner
+    return None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(str(path), ["file not found"])
     try:
-        data = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise SpecError(str(path), [f"the file has {size} bytes; a job file may have at most {MAX_BYTES}"])
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot be read ({exc.strerror or exc})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(str(path), [f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
+                                    "(save the file as UTF-8)"]) from None
+    try:
+        depth, values = _shape(text)
+        if depth > MAX_DEPTH:
+            raise SpecError(str(path), [f"nested more than {MAX_DEPTH} levels deep; job sections nest a few levels"])
+        if values > MAX_NODES:
+            raise SpecError(str(path), [f"holds more than {MAX_NODES} values once its aliases (*name) are expanded"])
+        data = yaml.safe_load(text)
+    except SpecError:
+        raise
     except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
+        detail = " ".join(str(exc).split())
+        raise SpecError(str(path), [f"not valid YAML: {detail}"]) from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date like 2026-13-45
+        raise SpecError(str(path), [f"not valid YAML: a value cannot be read ({type(exc).__name__}: {exc})"]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(str(path), [f"the top level must be a mapping, got {type(data).__name__}"])
+    bad_key = _non_string_key(data)
+    if bad_key:
+        raise SpecError(str(path), [bad_key])
     return data
 
 

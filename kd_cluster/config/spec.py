@@ -8,12 +8,63 @@ the model registry, the method registry or the data (shards exist, names known) 
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from typing import Any, Literal
+import urllib.parse
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+_OWN_SCHEMES = {"builtin", "file", "local"}
+_NEEDS_BUCKET = {"s3", "s3a", "gs", "gcs", "az", "abfs", "adl", "oss", "oci"}
+
+
+def check_location(value: str) -> str:
+    """A storage location: a local path, ``stage:<name>``, ``builtin://...`` or an fsspec URL (``proto://...``,
+    chained with ``::``) whose every protocol fsspec knows and can load here, and that parses as a URL.
+
+    Only the form is checked (no store is contacted), so a job naming s3:// fails here, not after a cluster started.
+    """
+    if not value.strip():
+        raise ValueError("is empty")
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    for part in value.split("::"):
+        if "://" not in part:
+            continue
+        scheme = part.split("://", 1)[0]
+        if not _SCHEME_RE.match(scheme):
+            raise ValueError(f"{scheme!r} is not a URL scheme (expected e.g. s3://bucket/path or a local path)")
+        if scheme.lower() in _OWN_SCHEMES:
+            continue
+        _check_protocol(scheme.lower())
+        try:
+            parts = urllib.parse.urlsplit(part)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL ({exc})") from None
+        if scheme.lower() in _NEEDS_BUCKET and not parts.netloc:
+            raise ValueError(f"names no bucket (expected {scheme}://<bucket>/<path>)")
+    return value
+
+
+def _check_protocol(scheme: str) -> None:
+    from fsspec.registry import known_implementations, registry
+
+    if scheme in registry:  # already imported: usable
+        return
+    impl = known_implementations.get(scheme)
+    if impl is None:
+        raise ValueError(f"no filesystem for protocol {scheme!r} (fsspec knows: s3, gs, az, http, file, memory, ...)")
+    module = impl["class"].split(".", 1)[0]
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"protocol {scheme!r} is not installed here: {impl.get('err') or f'install {module}'}")
+
+
+Location = Annotated[str, AfterValidator(check_location)]
+"""A local path or fsspec URL, checked by :func:`check_location`."""
 
 
 class Strict(BaseModel):
@@ -27,7 +78,7 @@ class ModelSpec(Strict):
 
     arch: str = Field(description="Model name: a small CNN (cnn_xs, cnn_s, cnn_m, cnn_l), a torchvision "
                       "classifier (resnet18, resnet50, ...) or a timm model as 'timm:<name>'.")
-    weights: str | None = Field(None, description="Weights to load: a local path or any fsspec URL "
+    weights: Location | None = Field(None, description="Weights to load: a local path or any fsspec URL "
                                 "(.safetensors, or a torch state dict loaded with weights_only=True), "
                                 "or 'stage:<name>' for the model a previous stage of this job trained.")
 
@@ -38,7 +89,7 @@ class TeacherMember(Strict):
     name: str | None = Field(None, description="The member's name in metrics, in 'features_from' and in a stage's "
                              "'member'; default: its arch.")
     arch: str = Field(description="Model name, as for a single teacher.")
-    weights: str | None = Field(None, description="Weights URI, or 'stage:<name>' for the model a previous stage "
+    weights: Location | None = Field(None, description="Weights URI, or 'stage:<name>' for the model a previous stage "
                                 "trained (e.g. a stage with trains: teacher and member: <this member>).")
     weight: float = Field(1.0, gt=0, description="Relative weight of this member's probabilities in the average.")
     replicas: int | None = Field(None, ge=1, description="Teacher actors for this member (placement: actors); "
@@ -60,7 +111,7 @@ class TeacherSpec(Strict):
     arch: str | None = Field(None, description="Model name: a small CNN (cnn_xs, cnn_s, cnn_m, cnn_l), a "
                              "torchvision classifier (resnet18, resnet50, ...) or a timm model as 'timm:<name>'. "
                              "Give arch, or members for an ensemble.")
-    weights: str | None = Field(None, description="Weights to load: a local path or any fsspec URL "
+    weights: Location | None = Field(None, description="Weights to load: a local path or any fsspec URL "
                                 "(.safetensors, or a torch state dict loaded with weights_only=True), "
                                 "or 'stage:<name>' for the model a previous stage of this job trained.")
     members: list[TeacherMember] = Field(default_factory=list, description="An ensemble: several networks whose "
@@ -73,7 +124,7 @@ class TeacherSpec(Strict):
         "pool per ensemble member); workers send uint8 crops plus mixup parameters and get back the outputs "
         "the method needs. 'stored': nowhere during training: its predictions on K crops of every training "
         "image were stored by `kd-cluster teacher label` (teacher.labels) and are replayed with their crops.")
-    labels: str | None = Field(None, description="placement stored: the soft-label set to replay (the folder "
+    labels: Location | None = Field(None, description="placement stored: the soft-label set to replay (the folder "
                                "`kd-cluster teacher label` wrote, or its labels.json; any fsspec URL), or "
                                "'stage:<name>' for the labels an earlier stage of this job stored.")
     replicas: int = Field(1, ge=1, description="Teacher actors in the pool (placement: actors).")
@@ -140,9 +191,9 @@ class NormalizeSpec(Strict):
 class DataSpec(Strict):
     """Where the shards are and how batches are formed."""
 
-    train: str = Field(description="Train manifest: a manifest.json URL/path, its folder, or "
+    train: Location = Field(description="Train manifest: a manifest.json URL/path, its folder, or "
                        "'builtin://mnist5k/train'.")
-    val: str | None = Field(None, description="Validation manifest (same forms as train); no eval when unset.")
+    val: Location | None = Field(None, description="Validation manifest (same forms as train); no eval when unset.")
     image_size: int = Field(224, ge=8, le=1024, description="Side length of the crops fed to the models.")
     batch_size: int = Field(256, ge=1, description="GLOBAL batch size, split evenly over the workers.")
     eval_batch_size: int | None = Field(None, ge=1, description="Per-worker eval batch size (default: the "
@@ -278,12 +329,16 @@ class FaultToleranceSpec(Strict):
                                 "'time-based checkpoint due?' (one tiny CPU all-reduce).")
     upload_retry_s: float = Field(600.0, gt=0, description="How long a checkpoint upload keeps retrying an "
                                   "unreachable store (exponential backoff) before that checkpoint is given up.")
+    lease_timeout_s: float = Field(120.0, gt=0, description="A driver refreshes the run's lease (lease.json in "
+                                   "the run folder) every lease_timeout_s / 4 s; a second run/resume of the run is "
+                                   "refused, and --force takes a lease over only once its heartbeat is older than "
+                                   "this (what a killed or preempted driver leaves).")
 
 
 class StorageSpec(Strict):
     """Where checkpoints and stage artifacts go."""
 
-    path: str = Field("./runs", description="Local folder or any fsspec URL (s3://bucket/prefix).")
+    path: Location = Field("./runs", description="Local folder or any fsspec URL (s3://bucket/prefix).")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// paths; credentials "
                                      "always come from the environment, never from the spec.")
 

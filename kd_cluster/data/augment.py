@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +30,30 @@ VIEWS = ("aug", "aug2", "center")
 _VIEW_TAGS = {"aug": 0, "aug2": 1}
 
 Box = tuple[float, float, float, float]
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""The largest image (width x height, from its header) decoded; PIL's own warning threshold. Above it a sample
+is a decompression bomb (a small file that decodes to a gigantic canvas) and is skipped as corrupt before any
+pixel is allocated."""
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more than :data:`MAX_IMAGE_PIXELS` pixels."""
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"the image claims {width} x {height} pixels, more than {MAX_IMAGE_PIXELS}: "
+                            "not decoded (a decompression bomb, or an image to shrink with --max-side)")
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's lazy open (reads the header only); PIL's own bomb warning is replaced by :func:`_check_pixels`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    _check_pixels(*img.size)
+    return img
 
 
 @dataclass(frozen=True)
@@ -148,8 +173,9 @@ def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an encoded image from its header, without decoding its pixels."""
     fast = _fast_jpeg_header(data)
     if fast is not None:
+        _check_pixels(*fast)
         return fast
-    with Image.open(io.BytesIO(data)) as img:
+    with _open_header(data) as img:
         return img.size
 
 
@@ -175,8 +201,9 @@ def render_views(data: bytes, views: Sequence[ViewParams], params: AugmentParams
     """Decode an encoded image once and write each view (its box resized to ``image_size``, flipped when asked)
     into ``out[v]`` (uint8 ``[C, S, S]``). Raises whatever PIL raises for an undecodable image."""
     fast = _fast_jpeg_header(data)
-    img = None if fast is not None else Image.open(io.BytesIO(data))
+    img = None if fast is not None else _open_header(data)
     width, height = fast if fast is not None else img.size
+    _check_pixels(width, height)
     boxes = [v.box for v in views]
     mode = params.mode
     # Largest allowed reduction keeps >= image_size pixels across the smallest crop side of any view.
@@ -187,7 +214,7 @@ def render_views(data: bytes, views: Sequence[ViewParams], params: AugmentParams
     if fast is not None:
         img = _fast_jpeg_decode(data, mode, request)
         if img is None:  # something simplejpeg does not take (CMYK, arithmetic coding, damage): PIL decides
-            img = Image.open(io.BytesIO(data))
+            img = _open_header(data)
     if img.format == "JPEG":
         img.draft(mode, request)
     if img.size[0] != width:  # decoded at a reduced scale (DCT-domain downscaling)

@@ -19,6 +19,23 @@ _READ_BLOCK = 16 << 20  # object stores: 16 MiB ranged GETs while streaming thro
 _warned: set[str] = set()
 
 
+def safe_key(key: Any) -> bool:
+    """Whether a member name's key is a plain relative name: not absolute and without ``..`` segments.
+
+    Shards are read in memory and their members are never written out under their names; a sample whose
+    name tries to climb out of a folder (``../../x``) is still treated as damaged, in case anything ever does.
+    """
+    if not isinstance(key, str) or not key or key.startswith(("/", "\\")) or "\x00" in key:
+        return False
+    return ".." not in key.replace("\\", "/").split("/")
+
+
+def _unsafe(url: str, sample: RawSample) -> None:
+    log.warning("shard %s: member %r has an unsafe path (absolute or with '..'); skipped as corrupt", url,
+                sample.get("__key__"))
+    return None
+
+
 def read_shard(shard: ShardInfo, storage_options: dict[str, Any] | None = None) -> list[RawSample | None]:
     """All samples of ``shard`` by position (order in the tar), as raw bytes; ``None`` where missing.
 
@@ -35,7 +52,7 @@ def read_shard(shard: ShardInfo, storage_options: dict[str, Any] | None = None) 
             for sample in group_by_keys(files):
                 if len(samples) == shard.count:
                     break
-                samples.append(sample)
+                samples.append(sample if safe_key(sample.get("__key__")) else _unsafe(shard.url, sample))
     except Exception as e:  # a damaged or unreadable shard costs its samples, never the run
         problem = f" ({type(e).__name__}: {e})"
     if len(samples) < shard.count:

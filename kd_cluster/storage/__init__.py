@@ -125,15 +125,19 @@ class Store:
 class CheckpointStore:
     """Step-numbered checkpoint folders plus a ``latest.json`` pointer written last (the commit).
 
-    A checkpoint's files are written under ``step_<n>/`` first; only then does ``commit`` rewrite
-    ``latest.json``, in one atomic write (a rename locally, one PUT on object stores). Readers follow
-    ``latest.json``, so a checkpoint that was not fully written is never read. ``latest.json`` also
-    lists the committed steps; pruning removes only committed steps beyond ``keep`` and unfinished
-    folders older than the latest commit (a folder newer than it may belong to a writer still at work,
-    and is overwritten when its step is reached again).
+    A checkpoint's files are written under ``step_<n>/`` first, then its ``manifest.json`` (each file's
+    size and SHA-256); only then does ``commit`` rewrite ``latest.json``, in one atomic write (a rename
+    locally, one PUT on object stores). Readers follow ``latest.json``, so a checkpoint that was not
+    fully written is never read. ``latest.json`` lists the committed steps with their files' sizes and
+    checksums, so a restore can verify what it reads (see :func:`kd_cluster.train.checkpoint.load_verified`);
+    when ``latest.json`` itself cannot be read, the step folders whose manifest is complete stand in for
+    it. Pruning removes only committed steps beyond ``keep`` and unfinished folders older than the latest
+    commit (a folder newer than it may belong to a writer still at work, and is overwritten when its step
+    is reached again).
     """
 
     LATEST = "latest.json"
+    MANIFEST = "manifest.json"
 
     def __init__(self, store: Store, prefix: str = "checkpoints") -> None:
         self.store = store
@@ -147,36 +151,112 @@ class CheckpointStore:
     def _rel(self, *parts: str) -> str:
         return posixpath.join(self.prefix, *parts)
 
+    def url(self) -> str:
+        """The URL of the checkpoint folder."""
+        return self.store.url(self.prefix)
+
     def write_file(self, step: int, name: str, data: bytes) -> None:
         """Write one file of the (uncommitted) checkpoint of ``step``."""
         self.store.write_bytes(self._rel(self.dirname(step), name), data)
 
-    def commit(self, step: int, keep: int, info: dict[str, Any] | None = None) -> None:
-        """Make ``step`` the latest checkpoint (after all its files are written), then prune."""
-        committed = [s for s in self._pointer().get("committed", []) if s < step] + [step]
-        self.store.write_json(self._rel(self.LATEST), {"step": step, "dir": self.dirname(step),
-                                                        "committed": committed[-keep:], **(info or {})})
+    def commit(self, step: int, keep: int, info: dict[str, Any] | None = None,
+               files: dict[str, dict[str, Any]] | None = None) -> None:
+        """Make ``step`` the latest checkpoint (after all its files are written), then prune.
+
+        ``files``: each file's ``{"size", "sha256"}``, written to the step's manifest and to ``latest.json``.
+        """
+        pointer, _ = self.pointer()
+        if pointer is None:  # no pointer yet, or an unreadable one: the complete folders stand in for it
+            complete = self.manifests()
+            pointer = {"committed": [s for s, _ in complete], "checksums": {str(s): m for s, m in complete}}
+        if files is not None:
+            self.store.write_json(self._rel(self.dirname(step), self.MANIFEST), {"step": step, "files": files})
+        committed = sorted({int(s) for s in pointer.get("committed", []) if int(s) < step}) + [step]
+        old_sums = pointer.get("checksums") or {}
+        sums = {str(s): old_sums[str(s)] for s in committed[-keep:] if str(s) in old_sums}
+        if files is not None:
+            sums[str(step)] = files
+        self.store.write_json(self._rel(self.LATEST), {**(info or {}), "step": step, "dir": self.dirname(step),
+                                                        "committed": committed[-keep:], "checksums": sums})
         for old in committed[:-keep]:
             self.store.remove(self._rel(self.dirname(old)))
         for stale in self.steps():
             if stale < step and stale not in committed:
                 self.store.remove(self._rel(self.dirname(stale)))
 
-    def _pointer(self) -> dict[str, Any]:
+    def pointer(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(``latest.json``, None), (None, None) when there is none, or (None, why) when it cannot be read."""
         rel = self._rel(self.LATEST)
-        return self.store.read_json(rel) if self.store.exists(rel) else {}
+        try:
+            if not self.store.exists(rel):
+                return None, None
+            obj = self.store.read_json(rel)
+            if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
+                return None, f"{self.LATEST} has no step"
+            committed = obj.get("committed", [obj["step"]])
+            sums = obj.get("checksums", {})
+            if not isinstance(committed, list) or not all(isinstance(s, int) for s in committed) or \
+                    not isinstance(sums, dict):
+                return None, f"{self.LATEST} has a malformed list of committed steps"
+            return obj, None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return None, f"{self.LATEST} is not valid JSON ({type(exc).__name__})"
+
+    def _pointer(self) -> dict[str, Any]:
+        return self.pointer()[0] or {}
+
+    def manifest(self, step: int) -> dict[str, dict[str, Any]] | None:
+        """The files listed in the manifest of ``step``'s folder, or None (no manifest, or an unreadable one)."""
+        rel = self._rel(self.dirname(step), self.MANIFEST)
+        try:
+            if not self.store.exists(rel):
+                return None
+            obj = self.store.read_json(rel)
+        except (ValueError, UnicodeDecodeError, FileNotFoundError):
+            return None
+        if not isinstance(obj, dict) or obj.get("step") != step or not valid_checksums(obj.get("files")):
+            return None
+        return obj["files"]
+
+    def manifests(self) -> list[tuple[int, dict[str, dict[str, Any]]]]:
+        """(step, files) of the step folders that carry a readable manifest, newest first."""
+        out = []
+        for step in reversed(self.steps()):
+            files = self.manifest(step)
+            if files is not None:
+                out.append((step, files))
+        return out
+
+    def candidates(self) -> tuple[list[tuple[int, dict[str, dict[str, Any]] | None]], str | None]:
+        """The checkpoints a restore may use, newest first, each with its files' expected size and checksum
+        (None: written before checkpoints carried checksums), and why ``latest.json`` was not usable (or None).
+
+        From ``latest.json`` when it can be read: its committed steps. Otherwise (missing or unreadable) from
+        the step folders whose manifest is complete. A pure function of the storage contents, so every rank
+        that asks gets the same answer.
+        """
+        pointer, problem = self.pointer()
+        if pointer is None:
+            return [(s, f) for s, f in self.manifests()], problem
+        sums = pointer.get("checksums") or {}
+        steps = sorted({int(pointer["step"]), *(int(s) for s in pointer.get("committed", []))}, reverse=True)
+        out: list[tuple[int, dict[str, dict[str, Any]] | None]] = []
+        for s in steps:
+            files = sums.get(str(s))
+            out.append((s, files if valid_checksums(files) else None))
+        return out, None
 
     def steps(self) -> list[int]:
         """Steps of the checkpoint folders present (complete or not), ascending."""
         return sorted(int(n[5:]) for n in self.store.listdir(self.prefix) if n.startswith("step_") and n[5:].isdigit())
 
     def latest(self) -> int | None:
-        """The step ``latest.json`` points at, or None."""
+        """The step ``latest.json`` points at, or None (none, or unreadable)."""
         pointer = self._pointer()
         return int(pointer["step"]) if pointer else None
 
     def latest_info(self) -> dict[str, Any]:
-        """The whole ``latest.json`` (step, committed steps, what the writer recorded), or {}."""
+        """The whole ``latest.json`` (step, committed steps, checksums, what the writer recorded), or {}."""
         return self._pointer()
 
     def read_file(self, step: int, name: str) -> bytes:
@@ -188,5 +268,12 @@ class CheckpointStore:
         return self.store.exists(self._rel(self.dirname(step), name))
 
 
+def valid_checksums(files: Any) -> bool:
+    """Whether ``files`` is a non-empty ``{name: {"size": int, "sha256": str}}``."""
+    return isinstance(files, dict) and bool(files) and all(
+        isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int)
+        and isinstance(v.get("sha256"), str) for k, v in files.items())
+
+
 __all__ = ["CheckpointStore", "Store", "absolute", "describe_store_error", "is_remote", "join", "storage_options",
-           "store_errors"]
+           "store_errors", "valid_checksums"]

@@ -1,22 +1,30 @@
 """Checkpoints: what they hold, a fast snapshot on the training thread, the upload in the background.
 
-A checkpoint of step ``n`` is two files under ``<stage>/checkpoints/step_<n>/``:
+A checkpoint of step ``n`` is these files under ``<stage>/checkpoints/step_<n>/``:
 
 ``state.pt``  model, method modules, optimizer (Shampoo's preconditioners included), LR schedule,
               step, and run metadata (run name = W&B run id, data-cursor settings, resolved spec);
-``rng.pt``    the RNG states of every rank (torch CPU/CUDA, Python), gathered to rank 0.
+``rng.pt``    the RNG states of every rank (torch CPU/CUDA, Python), gathered to rank 0;
+``manifest.json``  each file's size and SHA-256 (also recorded in ``latest.json``).
 
 The data cursor is the step itself: streams are pure functions of (seed, rank, loader worker, step).
 
 Only rank 0 writes. On the training thread it copies the state to host memory (the only stall);
-a background thread serialises and uploads the files with retries, then commits ``latest.json``
-(see :class:`~kd_cluster.storage.CheckpointStore`). A checkpoint whose upload failed is never
-committed, so a resume reads the previous one.
+a background thread serialises the files, takes each one's size and SHA-256, uploads them with
+retries, then writes the step's manifest and commits ``latest.json`` (see
+:class:`~kd_cluster.storage.CheckpointStore`). A checkpoint whose upload failed is never committed,
+so a resume reads the previous one.
+
+A restore (:func:`load_verified`) checks every file against its recorded size and checksum, and that
+it loads; a damaged checkpoint (truncated, a flipped byte, a file gone) is passed over with a warning
+for the newest earlier one that verifies. Checkpoints written before checksums were recorded are
+checked only by loading them.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 import random
@@ -28,7 +36,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from kd_cluster.storage import CheckpointStore
+from kd_cluster.storage import CheckpointStore, valid_checksums
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -172,6 +180,7 @@ class CheckpointWriter:
         try:
             t0 = time.perf_counter()
             blobs = {name: serialize(obj) for name, obj in files.items()}
+            sums = {name: file_digest(data) for name, data in blobs.items()}
             res.serialize_s = time.perf_counter() - t0
             res.bytes = sum(len(b) for b in blobs.values())
             t1 = time.perf_counter()
@@ -180,7 +189,7 @@ class CheckpointWriter:
                                   what=f"checkpoint step {step}: upload {name}",
                                   deadline_s=max(1.0, deadline - time.monotonic()))
                 res.attempts += n
-            _, n = with_retry(lambda: self.ckpts.commit(step, self.keep, {**info, "bytes": res.bytes}),
+            _, n = with_retry(lambda: self.ckpts.commit(step, self.keep, {**info, "bytes": res.bytes}, sums),
                               what=f"checkpoint step {step}: commit", deadline_s=max(1.0, deadline - time.monotonic()))
             res.attempts += n
             res.upload_s = time.perf_counter() - t1
@@ -193,12 +202,126 @@ class CheckpointWriter:
         self.results.append(res)
 
 
+def file_digest(data: bytes) -> dict[str, Any]:
+    """What a manifest records of a file: its size and SHA-256."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class CheckpointDamaged(Exception):
+    """One checkpoint cannot be used; the message names the file and what is wrong with it."""
+
+
+class NoValidCheckpoint(RuntimeError):
+    """Checkpoints exist but none verifies; the message lists what was found (one line)."""
+
+
+@dataclass
+class Restored:
+    """A checkpoint that verified: its step, state and per-rank RNG states, and the newer ones passed over."""
+
+    step: int
+    state: dict[str, Any]
+    rngs: list[dict[str, Any]]
+    files: dict[str, dict[str, Any]] | None
+    skipped: list[str]
+    repointed: bool = False
+    """Found through the step folders because ``latest.json`` could not be read."""
+
+
+def _read(ckpts: CheckpointStore, step: int, name: str, retry_s: float) -> bytes | None:
+    """A file's bytes, or None when it does not exist. A file that cannot be read (permissions) is damage;
+    any other store error (unreachable, throttled) is retried for ``retry_s`` and then raised: an outage must
+    not make a restore fall back to an older checkpoint."""
+
+    def once() -> tuple[bytes | None, str | None]:
+        try:
+            return ckpts.read_file(step, name), None
+        except FileNotFoundError:
+            return None, None
+        except (PermissionError, IsADirectoryError) as exc:  # the file, not the store: no retry helps
+            return None, f"{name} cannot be read ({exc.strerror or exc})"
+
+    (data, problem), _ = with_retry(once, what=f"checkpoint step {step}: read {name}", deadline_s=retry_s)
+    if problem is not None:
+        raise CheckpointDamaged(problem)
+    return data
+
+
+def read_verified(ckpts: CheckpointStore, step: int, files: dict[str, dict[str, Any]] | None,
+                  retry_s: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(state, per-rank RNG states) of the checkpoint of ``step``, each file checked against ``files`` (its
+    recorded size and SHA-256; None for checkpoints written before they were recorded) and loaded.
+
+    Raises :class:`CheckpointDamaged` naming the first file that is missing, differs or does not load.
+    """
+    names = list(files) if files is not None else [STATE_FILE, RNG_FILE]
+    blobs: dict[str, bytes] = {}
+    for name in names:
+        data = _read(ckpts, step, name, retry_s)
+        if data is None:
+            if files is None and name == RNG_FILE:  # optional in checkpoints without a manifest
+                continue
+            raise CheckpointDamaged(f"{name} is missing")
+        if files is not None:
+            want = files[name]
+            if len(data) != want["size"]:
+                raise CheckpointDamaged(f"{name} has {len(data)} bytes, {want['size']} were written")
+            if hashlib.sha256(data).hexdigest() != want["sha256"]:
+                raise CheckpointDamaged(f"{name} does not match its SHA-256")
+        blobs[name] = data
+    if STATE_FILE not in blobs:
+        raise CheckpointDamaged(f"{STATE_FILE} is not listed in its manifest")
+    loaded: dict[str, Any] = {}
+    for name, data in blobs.items():
+        try:
+            loaded[name] = deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on a damaged file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointDamaged(f"{name} does not load ({type(exc).__name__}: {first[:200]})") from exc
+    state = loaded[STATE_FILE]
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointDamaged(f"{STATE_FILE} holds no training state")
+    return state, loaded.get(RNG_FILE, [])
+
+
+def load_verified(ckpts: CheckpointStore, retry_s: float = 60.0) -> Restored | None:
+    """The newest committed checkpoint that verifies (see :func:`read_verified`), or None when the run has none.
+
+    Each checkpoint passed over is logged as a warning naming it and its damaged file. When ``latest.json``
+    is unreadable, the step folders with a complete manifest stand in for it. Raises
+    :class:`NoValidCheckpoint` when checkpoints (or a pointer) exist but none verifies. The choice depends
+    only on the storage contents.
+    """
+    candidates, problem = ckpts.candidates()
+    found: list[str] = []
+    if problem is not None:
+        log.warning("%s/%s: %s; looking for complete checkpoints in the step folders", ckpts.url(),
+                    ckpts.LATEST, problem)
+        found.append(problem)
+    for step, files in candidates:
+        try:
+            state, rngs = read_verified(ckpts, step, files, retry_s)
+        except CheckpointDamaged as exc:
+            log.warning("checkpoint of step %d under %s is damaged (%s); trying the one before it",
+                        step, ckpts.url(), exc)
+            found.append(f"step {step}: {exc}")
+            continue
+        return Restored(step=step, state=state, rngs=rngs, files=files, skipped=found, repointed=problem is not None)
+    if found:
+        if problem is not None and not candidates:
+            found.append("no step folder has a complete manifest")
+        raise NoValidCheckpoint(f"no checkpoint under {ckpts.url()} verifies: {'; '.join(found)} (move that "
+                                "folder aside to start this stage from step 0)")
+    return None
+
+
 def restore_files(ckpts: CheckpointStore, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(state, per-rank RNG states) of the committed checkpoint of ``step``."""
-    state = deserialize(ckpts.read_file(step, STATE_FILE))
-    rngs = deserialize(ckpts.read_file(step, RNG_FILE)) if ckpts.has_file(step, RNG_FILE) else []
-    return state, rngs
+    """(state, per-rank RNG states) of the committed checkpoint of ``step``, verified when it has checksums."""
+    pointer = ckpts.latest_info()
+    files = (pointer.get("checksums") or {}).get(str(step)) or ckpts.manifest(step)
+    return read_verified(ckpts, step, files if valid_checksums(files) else None)
 
 
-__all__ = ["RNG_FILE", "STATE_FILE", "CheckpointWriter", "UploadResult", "deserialize", "restore_files", "rng_state",
-           "serialize", "set_rng_state", "snapshot", "with_retry"]
+__all__ = ["RNG_FILE", "STATE_FILE", "CheckpointDamaged", "CheckpointWriter", "NoValidCheckpoint", "Restored",
+           "UploadResult", "deserialize", "file_digest", "load_verified", "read_verified", "restore_files",
+           "rng_state", "serialize", "set_rng_state", "snapshot", "with_retry"]

@@ -23,8 +23,9 @@ from torch import nn
 
 from kd_cluster.storage import CheckpointStore
 from kd_cluster.telemetry import Sink
-from kd_cluster.train.checkpoint import (RNG_FILE, STATE_FILE, CheckpointWriter, UploadResult, restore_files,
-                                         rng_state, snapshot)
+from kd_cluster.train.checkpoint import (RNG_FILE, STATE_FILE, CheckpointDamaged, CheckpointWriter,
+                                         NoValidCheckpoint, UploadResult, load_verified, read_verified, rng_state,
+                                         snapshot)
 from kd_cluster.train.preempt import PreemptionFlag
 
 
@@ -177,18 +178,37 @@ class Checkpointer:
         self._metrics: dict[str, float] = {}
 
     def restore(self, stage: str, loader_workers: int, run: str) -> tuple[int, dict[str, Any] | None]:
-        """Load the latest committed checkpoint (rank 0 reads the pointer, every rank the files).
+        """Load the newest committed checkpoint that verifies (rank 0 chooses it, every rank reads and verifies
+        its files). Damaged newer ones are passed over with a warning; none verifying stops the stage.
 
         Returns its step and this rank's RNG state, which the caller sets right before the first step.
         """
-        step = self.ckpts.latest() if self.rank == 0 else None
+        choice: tuple[int | None, dict[str, Any] | None, str | None] = (None, None, None)
+        restored = None
+        if self.rank == 0:
+            try:
+                restored = load_verified(self.ckpts)
+                if restored is not None:
+                    choice = (restored.step, restored.files, None)
+            except NoValidCheckpoint as exc:
+                choice = (None, None, str(exc))
         if self.world > 1:
-            box = [step]
+            box = [choice]
             dist.broadcast_object_list(box, src=0)
-            step = box[0]
+            choice = box[0]
+        step, files, error = choice
+        if error is not None:
+            raise NoValidCheckpoint(error)
         if step is None:
             return 0, None
-        state, rngs = restore_files(self.ckpts, step)
+        if restored is not None:
+            state, rngs = restored.state, restored.rngs
+        else:  # the same files rank 0 verified; damage since then is an error, not a second choice
+            try:
+                state, rngs = read_verified(self.ckpts, step, files)
+            except CheckpointDamaged as exc:
+                raise NoValidCheckpoint(f"rank {self.rank}: checkpoint of step {step} under {self.ckpts.url()} "
+                                        f"changed while the run started: {exc}") from exc
         s = self.state
         unwrap(s.model).load_state_dict(state["model"])
         s.method.load_state_dict(state["method"])
@@ -202,6 +222,12 @@ class Checkpointer:
             note = "" if meta.get("world_size") == self.world else (
                 f" (it was written by {meta.get('world_size')} workers, now {self.world}: the data order changes "
                 "from here)")
+            if restored is not None and restored.skipped:
+                note += f" (passed over: {'; '.join(restored.skipped)})"
+            if restored is not None and restored.repointed and self.writer is not None:
+                # latest.json was unreadable: point it at the checkpoint chosen, from the complete folders
+                self.ckpts.commit(step, self.writer.keep, {"world_size": meta.get("world_size"),
+                                                           "repointed": True}, restored.files)
             sys.stdout.write(f"[{stage}] resumed from checkpoint at step {step}{note}\n")
         # a run resumed with more workers than it had: new ranks keep their fresh seeds
         return int(state["step"]), (rngs[self.rank] if self.rank < len(rngs) else None)
