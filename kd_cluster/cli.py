@@ -303,16 +303,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(a: argparse.Namespace) -> int:
-    from kd_cluster.data import Reencode, build_imagefolder, build_mnist5k, build_torchvision
+    from kd_cluster.data import Reencode, build_idx, build_imagefolder, build_mnist5k, build_torchvision
     from kd_cluster.storage import absolute, storage_options
 
     out = absolute(a.out)
     opts = storage_options(out, a.endpoint_url)
-    if a.source not in ("mnist5k", "imagefolder") and not a.source.startswith("torchvision:"):
-        err.print(f"error: --source {a.source!r}: use mnist5k, imagefolder or torchvision:<Dataset> (e.g. torchvision:CIFAR100)")
+    if a.source not in ("mnist5k", "imagefolder", "idx") and not a.source.startswith("torchvision:"):
+        err.print(f"error: --source {a.source!r}: use mnist5k, imagefolder, idx or torchvision:<Dataset> (e.g. "
+                  "torchvision:CIFAR100)")
         return EXIT_USER_ERROR
     if a.source != "mnist5k" and not a.root:
         err.print(f"error: --root is required for --source {a.source}")
+        return EXIT_USER_ERROR
+    if a.holdout and a.source != "idx":
+        err.print("error: --holdout carves a validation split from IDX training images; use it with --source idx")
         return EXIT_USER_ERROR
     if a.quality is not None and a.max_side is None:
         err.print("error: --quality sets the JPEG quality of images re-encoded by --max-side; give --max-side too")
@@ -321,6 +325,9 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
     if a.source == "mnist5k":
         manifests = build_mnist5k(out, seed=a.seed, shard_size=a.shard_size or 250, storage_options=opts,
                                   reencode=reencode)
+    elif a.source == "idx":
+        manifests = build_idx(a.root, out, holdout=a.holdout, shard_size=a.shard_size or 5000, storage_options=opts,
+                              reencode=reencode)
     elif a.source.startswith("torchvision:"):
         manifests = build_torchvision(a.source.split(":", 1)[1], a.root, out, shard_size=a.shard_size or 1000,
                                       storage_options=opts, reencode=reencode)
@@ -760,9 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="dataset shards")
     ssub = s.add_subparsers(dest="shards_command", required=True)
     b = ssub.add_parser("build", help="write WebDataset shards + manifest to any fsspec URL")
-    b.add_argument("--source", required=True, help="mnist5k, imagefolder, or torchvision:<Dataset> (a torchvision "
-                   "dataset already on disk under --root, e.g. torchvision:CIFAR100; never downloaded)")
-    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*; torchvision: its root")
+    b.add_argument("--source", required=True, help="mnist5k, imagefolder, idx (MNIST-style IDX files, e.g. "
+                   "Fashion-MNIST), or torchvision:<Dataset> (a torchvision dataset already on disk under --root, "
+                   "e.g. torchvision:CIFAR100; never downloaded)")
+    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*; idx: folder with "
+                   "train-{images,labels}-idx*-ubyte[.gz] (-> train) and t10k-* (-> val); torchvision: its root")
+    b.add_argument("--holdout", type=int, default=0, metavar="N", help="idx: the last N training images become "
+                   "the val split and t10k-* the test split (choose settings on val, report on test); default 0")
     b.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
     b.add_argument("--shard-size", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
