@@ -357,6 +357,44 @@ def cmd_bench_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not values:
+        raise UsageError(f"{what}: give at least one value")
+    return values
+
+
+def cmd_bench_fidelity(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.fidelity import FULL, METHODS, QUICK, FidelityError, run_fidelity
+
+    preset = QUICK if a.quick else FULL
+    seeds = _int_list(a.seeds, "--seeds") if a.seeds else list(preset["seeds"])
+    budgets = _int_list(a.budgets, "--budgets") if a.budgets else list(preset["budgets"])
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else list(METHODS)
+    teacher_steps = a.teacher_steps or int(preset["teacher_steps"])
+    if min(budgets) < 1 or teacher_steps < 1:
+        raise UsageError("--budgets and --teacher-steps are steps: >= 1")
+    out = Path(a.out)
+    jobs = Path(a.jobs_dir) if a.jobs_dir else _jobs_dir() / "fashion_mnist"
+    console.print(f"bench fidelity: {len(methods)} methods + scratch, seeds {seeds}, budgets {budgets} (later "
+                  f"budgets: scratch and the function-matching family), teacher {teacher_steps} steps; "
+                  f"evaluated on the {a.eval_split} split of {a.dataset}; runs under {out / 'runs'}", soft_wrap=True)
+    try:
+        res = run_fidelity(jobs_dir=jobs, out=out, methods=methods, seeds=seeds, budgets=budgets,
+                           teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
+                           on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method} seed {c.seed}, "
+                                                                f"{c.budget} steps ({c.run})"))
+    except FidelityError as exc:
+        raise UsageError(str(exc)) from None
+    console.print(res.table, soft_wrap=True)
+    console.print(f"wall time {res.wall_s:.0f} s; wrote {out / 'table.md'}, {out / 'runs.csv'}, {out / 'fidelity.png'}",
+                  soft_wrap=True)
+    return 0
+
+
 def cmd_bench_checkpoint(a: argparse.Namespace) -> int:
     from kd_cluster.train.bench_checkpoint import format_report, run
 
@@ -797,6 +835,23 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
     bd.add_argument("--save", default=None, metavar="FILE", help="also write the result as JSON (for kd-cluster plan)")
     bd.set_defaults(fn=cmd_bench_data)
+    bf = bsub.add_parser("fidelity", help="teacher once, then the from-scratch student and every method from the "
+                         "same init and data order over seeds and budgets: table.md, runs.csv, fidelity.png")
+    bf.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    bf.add_argument("--budgets", default=None, help="comma-separated student steps; the first for every method, "
+                    "the others for scratch and funmatch/independent_views/fixed_teacher (default 1500,6000; "
+                    "--quick: 300)")
+    bf.add_argument("--methods", default=None, help="comma-separated methods (default: all 12)")
+    bf.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 3000; --quick: 1000)")
+    bf.add_argument("--dataset", default="fashion-mnist", help="a builtin set, or a folder/URL holding train/ and "
+                    "the evaluation split's manifests (default fashion-mnist)")
+    bf.add_argument("--eval-split", default="test", help="split the table reports on (default test; val to "
+                    "choose settings)")
+    bf.add_argument("--quick", action="store_true", help="one seed, one short budget, a shorter teacher")
+    bf.add_argument("--out", default="./fidelity", help="output folder: runs/, table.md, runs.csv, fidelity.png")
+    bf.add_argument("--jobs-dir", default=None, help="job files <method>.yaml, scratch.yaml, teacher.yaml "
+                    "(default: the repository's jobs/fashion_mnist)")
+    bf.set_defaults(fn=cmd_bench_fidelity)
     bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
     bc.add_argument("--arch", default="resnet50")
     bc.add_argument("--optimizer", default="shampoo", choices=["shampoo", "adamw", "sgd"])
