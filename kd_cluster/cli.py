@@ -840,9 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     bf.add_argument("--budgets", default=None, help="comma-separated student steps; the first for every method, "
                     "the others for scratch and funmatch/independent_views/fixed_teacher (default 1500,6000; "
-                    "--quick: 300)")
+                    "--quick: 100)")
     bf.add_argument("--methods", default=None, help="comma-separated methods (default: all 12)")
-    bf.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 3000; --quick: 1000)")
+    bf.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 3000; --quick: 300)")
     bf.add_argument("--dataset", default="fashion-mnist", help="a builtin set, or a folder/URL holding train/ and "
                     "the evaluation split's manifests (default fashion-mnist)")
     bf.add_argument("--eval-split", default="test", help="split the table reports on (default test; val to "

@@ -34,7 +34,7 @@ NO_TEACHER = ("dml", "ie_dml")
 AUX_STAGES = {"sskd": "head", "ie_kd": "autoencoder"}
 """Methods whose job trains a module on the frozen teacher first; that stage gets a fifth of the budget."""
 
-QUICK = {"seeds": [0], "budgets": [300], "teacher_steps": 1000}
+QUICK = {"seeds": [0], "budgets": [100], "teacher_steps": 300}
 FULL = {"seeds": [0, 1, 2], "budgets": [1500, 6000], "teacher_steps": 3000}
 
 
