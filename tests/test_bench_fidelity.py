@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells
+from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix
 from test_fashion_mnist import write_idx_set
 
 
@@ -72,3 +72,10 @@ def test_plan_cells_share_init_and_data_order_across_methods() -> None:
     long = {c.method for c in cells if c.budget == FULL["budgets"][1]}
     assert long == set(LONG_METHODS)
     assert len({c.run for c in cells}) == len(cells)
+
+
+def test_runs_of_another_dataset_or_split_are_other_runs() -> None:
+    names = {run_prefix("fashion-mnist", "test"), run_prefix("fashion-mnist", "val"), run_prefix("/data/kmnist", "test"),
+             run_prefix("s3://b/kmnist/", "val")}
+    assert len(names) == 4 and run_prefix("fashion-mnist", "test") == "fmnist"
+    assert all(n[0].isalnum() for n in names)

@@ -76,6 +76,14 @@ def data_urls(dataset: str, eval_split: str) -> tuple[str, str]:
     return f"{base}/train", f"{base}/{eval_split}"
 
 
+def run_prefix(dataset: str, eval_split: str) -> str:
+    """Run-name prefix: runs on another dataset or evaluated on another split are other runs, never reused here."""
+    import re
+
+    name = "fmnist" if dataset == "fashion-mnist" else re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.rstrip("/"))[-16:].strip("-.") or "data"
+    return name if eval_split == "test" else f"{name}-{eval_split}"
+
+
 def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: list[int], runs: str,
                teacher_weights: str, train: str, val: str, prefix: str) -> list[Cell]:
     """Every run of the benchmark with its job file and overrides, in running order."""
@@ -186,7 +194,7 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
 
 def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[int], budgets: list[int],
                  teacher_steps: int, dataset: str = "fashion-mnist", eval_split: str = "test",
-                 prefix: str = "fmnist", on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
+                 prefix: str | None = None, on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
     """Train the teacher (once), then every cell; write table.md, runs.csv and fidelity.png into ``out``."""
     from kd_cluster.cluster.driver import run_job
     from kd_cluster.config import load_job
@@ -205,6 +213,7 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     out.mkdir(parents=True, exist_ok=True)
     runs = str((out / "runs").resolve())
     train, val = data_urls(dataset, eval_split)
+    prefix = prefix or run_prefix(dataset, eval_split)
     tel = f"telemetry.wandb_dir={out.resolve() / 'telemetry' / 'wandb'}"
     teacher_over = [f"name={prefix}-teacher-{teacher_steps}", f"schedule.steps={teacher_steps}",
                     f"schedule.warmup_steps={max(1, teacher_steps // 20)}", f"schedule.eval_every={teacher_steps}",
@@ -241,4 +250,4 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
 
 
 __all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "markdown_table",
-           "plan_cells", "run_fidelity", "summarize"]
+           "plan_cells", "run_fidelity", "run_prefix", "summarize"]
