@@ -308,16 +308,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_shards_build(a: argparse.Namespace) -> int:
-    from kd_cluster.data import Reencode, build_imagefolder, build_mnist5k, build_torchvision
+    from kd_cluster.data import Reencode, build_idx, build_imagefolder, build_mnist5k, build_torchvision
     from kd_cluster.storage import absolute, storage_options
 
     out = absolute(a.out)
     opts = storage_options(out, a.endpoint_url)
-    if a.source not in ("mnist5k", "imagefolder") and not a.source.startswith("torchvision:"):
-        err.print(f"error: --source {a.source!r}: use mnist5k, imagefolder or torchvision:<Dataset> (e.g. torchvision:CIFAR100)")
+    if a.source not in ("mnist5k", "imagefolder", "idx") and not a.source.startswith("torchvision:"):
+        err.print(f"error: --source {a.source!r}: use mnist5k, imagefolder, idx or torchvision:<Dataset> (e.g. "
+                  "torchvision:CIFAR100)")
         return EXIT_USER_ERROR
     if a.source != "mnist5k" and not a.root:
         err.print(f"error: --root is required for --source {a.source}")
+        return EXIT_USER_ERROR
+    if a.holdout and a.source != "idx":
+        err.print("error: --holdout carves a validation split from IDX training images; use it with --source idx")
         return EXIT_USER_ERROR
     if a.quality is not None and a.max_side is None:
         err.print("error: --quality sets the JPEG quality of images re-encoded by --max-side; give --max-side too")
@@ -326,6 +330,9 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
     if a.source == "mnist5k":
         manifests = build_mnist5k(out, seed=a.seed, shard_size=a.shard_size or 250, storage_options=opts,
                                   reencode=reencode)
+    elif a.source == "idx":
+        manifests = build_idx(a.root, out, holdout=a.holdout, shard_size=a.shard_size or 5000, storage_options=opts,
+                              reencode=reencode)
     elif a.source.startswith("torchvision:"):
         manifests = build_torchvision(a.source.split(":", 1)[1], a.root, out, shard_size=a.shard_size or 1000,
                                       storage_options=opts, reencode=reencode)
@@ -352,6 +359,44 @@ def cmd_bench_data(a: argparse.Namespace) -> int:
     console.print_json(json.dumps(res, default=str))
     if a.save:
         Path(a.save).write_text(json.dumps(res, default=str, indent=1))
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not values:
+        raise UsageError(f"{what}: give at least one value")
+    return values
+
+
+def cmd_bench_fidelity(a: argparse.Namespace) -> int:
+    from kd_cluster.cluster.fidelity import FULL, METHODS, QUICK, FidelityError, run_fidelity
+
+    preset = QUICK if a.quick else FULL
+    seeds = _int_list(a.seeds, "--seeds") if a.seeds else list(preset["seeds"])
+    budgets = _int_list(a.budgets, "--budgets") if a.budgets else list(preset["budgets"])
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else list(METHODS)
+    teacher_steps = a.teacher_steps or int(preset["teacher_steps"])
+    if min(budgets) < 1 or teacher_steps < 1:
+        raise UsageError("--budgets and --teacher-steps are steps: >= 1")
+    out = Path(a.out)
+    jobs = Path(a.jobs_dir) if a.jobs_dir else _jobs_dir() / "fashion_mnist"
+    console.print(f"bench fidelity: {len(methods)} methods + scratch, seeds {seeds}, budgets {budgets} (later "
+                  f"budgets: scratch and the function-matching family), teacher {teacher_steps} steps; "
+                  f"evaluated on the {a.eval_split} split of {a.dataset}; runs under {out / 'runs'}", soft_wrap=True)
+    try:
+        res = run_fidelity(jobs_dir=jobs, out=out, methods=methods, seeds=seeds, budgets=budgets,
+                           teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
+                           on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method} seed {c.seed}, "
+                                                                f"{c.budget} steps ({c.run})"))
+    except FidelityError as exc:
+        raise UsageError(str(exc)) from None
+    console.print(res.table, soft_wrap=True)
+    console.print(f"wall time {res.wall_s:.0f} s; wrote {out / 'table.md'}, {out / 'runs.csv'}, {out / 'fidelity.png'}",
+                  soft_wrap=True)
     return 0
 
 
@@ -767,9 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="dataset shards")
     ssub = s.add_subparsers(dest="shards_command", required=True)
     b = ssub.add_parser("build", help="write WebDataset shards + manifest to any fsspec URL")
-    b.add_argument("--source", required=True, help="mnist5k, imagefolder, or torchvision:<Dataset> (a torchvision "
-                   "dataset already on disk under --root, e.g. torchvision:CIFAR100; never downloaded)")
-    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*; torchvision: its root")
+    b.add_argument("--source", required=True, help="mnist5k, imagefolder, idx (MNIST-style IDX files, e.g. "
+                   "Fashion-MNIST), or torchvision:<Dataset> (a torchvision dataset already on disk under --root, "
+                   "e.g. torchvision:CIFAR100; never downloaded)")
+    b.add_argument("--root", help="imagefolder: folder with train/<class>/* and val/<class>/*; idx: folder with "
+                   "train-{images,labels}-idx*-ubyte[.gz] (-> train) and t10k-* (-> val); torchvision: its root")
+    b.add_argument("--holdout", type=int, default=0, metavar="N", help="idx: the last N training images become "
+                   "the val split and t10k-* the test split (choose settings on val, report on test); default 0")
     b.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
     b.add_argument("--shard-size", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
@@ -793,6 +842,23 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
     bd.add_argument("--save", default=None, metavar="FILE", help="also write the result as JSON (for kd-cluster plan)")
     bd.set_defaults(fn=cmd_bench_data)
+    bf = bsub.add_parser("fidelity", help="teacher once, then the from-scratch student and every method from the "
+                         "same init and data order over seeds and budgets: table.md, runs.csv, fidelity.png")
+    bf.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
+    bf.add_argument("--budgets", default=None, help="comma-separated student steps; the first for every method, "
+                    "the others for scratch and funmatch/independent_views/fixed_teacher (default 1500,6000; "
+                    "--quick: 100)")
+    bf.add_argument("--methods", default=None, help="comma-separated methods (default: all 12)")
+    bf.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 3000; --quick: 300)")
+    bf.add_argument("--dataset", default="fashion-mnist", help="a builtin set, or a folder/URL holding train/ and "
+                    "the evaluation split's manifests (default fashion-mnist)")
+    bf.add_argument("--eval-split", default="test", help="split the table reports on (default test; val to "
+                    "choose settings)")
+    bf.add_argument("--quick", action="store_true", help="one seed, one short budget, a shorter teacher")
+    bf.add_argument("--out", default="./fidelity", help="output folder: runs/, table.md, runs.csv, fidelity.png")
+    bf.add_argument("--jobs-dir", default=None, help="job files <method>.yaml, scratch.yaml, teacher.yaml "
+                    "(default: the repository's jobs/fashion_mnist)")
+    bf.set_defaults(fn=cmd_bench_fidelity)
     bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
     bc.add_argument("--arch", default="resnet50")
     bc.add_argument("--optimizer", default="shampoo", choices=["shampoo", "adamw", "sgd"])

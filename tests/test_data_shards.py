@@ -160,7 +160,7 @@ def test_write_split_rejects_bad_samples(tmp_path: Path) -> None:
 
 def test_mnist5k_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KD_CLUSTER_CACHE", str(tmp_path / "cache"))
-    assert builtin_names() == ["mnist5k"]
+    assert builtin_names() == ["fashion-mnist", "mnist5k"]
     assert is_builtin("builtin://mnist5k/train") and not is_builtin(str(tmp_path))
     # Two processes building the cache at once: both succeed, one copy is published.
     code = "from kd_cluster.data import load_manifest; print(load_manifest('builtin://mnist5k/train').num_samples)"

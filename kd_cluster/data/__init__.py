@@ -1,7 +1,8 @@
 """kd_cluster.data: sharded datasets (WebDataset tar + manifest on any fsspec URL) and deterministic streams.
 
-Writing: :func:`write_split`, :func:`build_imagefolder`, :func:`build_mnist5k`, :func:`build_torchvision`.
-Finding: :func:`load_manifest` (URL, folder, or ``builtin://mnist5k/train``).
+Writing: :func:`write_split`, :func:`build_imagefolder`, :func:`build_mnist5k`, :func:`build_torchvision`,
+:func:`build_idx`.
+Finding: :func:`load_manifest` (URL, folder, or ``builtin://mnist5k/train``, ``builtin://fashion-mnist/val``).
 Reading: :class:`TrainStream` + :func:`make_train_loader`, :class:`EvalStream`; batch mixup with
 :func:`mixup_lambda` and :func:`mixup`. The determinism contract is in :mod:`kd_cluster.data.stream`.
 
@@ -17,7 +18,7 @@ import importlib
 from typing import Any
 
 from .catalog import builtin_names, cache_dir, is_builtin, load_manifest
-from .errors import DataError
+from .errors import DataError, DatasetMissing
 from .manifest import Manifest, ShardInfo
 
 _LAZY = {
@@ -26,7 +27,7 @@ _LAZY = {
     "LabelConfig": "soft_labels", "LabelSet": "soft_labels", "StoredViews": "soft_labels", "read_labels": "soft_labels",
     "EvalStream": "stream", "TrainStream": "stream", "close_loader": "stream", "make_eval_loader": "stream",
     "make_train_loader": "stream", "start_workers": "stream",
-    "Reencode": "writer", "build_imagefolder": "writer", "build_mnist5k": "writer", "build_torchvision": "writer",
+    "Reencode": "writer", "build_idx": "writer", "build_imagefolder": "writer", "build_mnist5k": "writer", "build_torchvision": "writer",
     "shrink_image": "writer", "write_split": "writer",
 }
 
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AugmentParams",
     "DataError",
+    "DatasetMissing",
     "EvalStream",
     "LabelConfig",
     "LabelSet",
@@ -50,6 +52,7 @@ __all__ = [
     "StoredViews",
     "TrainStream",
     "ViewParams",
+    "build_idx",
     "build_imagefolder",
     "build_mnist5k",
     "build_torchvision",

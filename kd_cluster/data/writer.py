@@ -425,3 +425,144 @@ def build_mnist5k(
             reencode=reencode,
         )
     return out
+
+
+# --- IDX (the MNIST / Fashion-MNIST file format) ------------------------------------------------------------
+
+_IDX_UBYTE = 0x08  # the only element type MNIST-style image and label files use
+
+
+def read_idx(data: bytes, where: str) -> np.ndarray:
+    """The uint8 array stored in one IDX file's bytes (already decompressed).
+
+    An IDX file is a 4-byte magic ``00 00 <type> <ndim>``, then ``ndim`` big-endian uint32 sizes, then the
+    elements. Only unsigned bytes (type 0x08) are accepted; anything else, and a file whose length does not
+    match its sizes, raises a one-line :class:`DataError` naming ``where``.
+    """
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{where}: not an IDX file (its first bytes are {data[:4].hex() or 'missing'}, "
+                        "expected 0000<type><ndim>)")
+    dtype, ndim = data[2], data[3]
+    if dtype != _IDX_UBYTE:
+        raise DataError(f"{where}: IDX element type 0x{dtype:02x}; only unsigned bytes (0x08) are supported")
+    if ndim < 1 or len(data) < 4 + 4 * ndim:
+        raise DataError(f"{where}: IDX header names {ndim} dimensions but the file ends at {len(data)} bytes")
+    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    body = len(data) - 4 - 4 * ndim
+    expected = int(np.prod(dims, dtype=np.int64))
+    if body != expected:
+        raise DataError(f"{where}: IDX header says {'x'.join(map(str, dims))} = {expected} bytes of data, "
+                        f"the file holds {body}")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _read_idx_file(fs: fsspec.AbstractFileSystem, path: str, url: str) -> np.ndarray:
+    raw = fs.cat_file(path)
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: the files are usually distributed gzipped
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{url}: truncated or corrupt gzip file ({exc})") from None
+    return read_idx(raw, url)
+
+
+_IDX_PREFIXES = {"train": "train-", "t10k": "t10k-"}
+
+
+def find_idx_files(root: str) -> dict[str, tuple[str, str]]:
+    """``{"train": (images URL, labels URL), "t10k": (...)}`` of the IDX files in ``root``.
+
+    Files are matched by name as the MNIST-family datasets ship them: ``train-images-idx3-ubyte[.gz]``,
+    ``train-labels-idx1-ubyte[.gz]`` and the same with ``t10k-``. A missing or doubled file is an error.
+    """
+    root = absolute_url(root)
+    fs, root_path = url_to_fs(root, None)
+    if not fs.isdir(root_path):
+        raise DataError(f"{root}: no such folder (expected the IDX files train-images-idx3-ubyte[.gz], ...)")
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root_path, detail=False))
+    out: dict[str, tuple[str, str]] = {}
+    for part, prefix in _IDX_PREFIXES.items():
+        found = []
+        for kind, ndim in (("images", 3), ("labels", 1)):
+            stem = f"{prefix}{kind}-idx{ndim}-ubyte"
+            hits = [n for n in names if n in (stem, f"{stem}.gz")]
+            if not hits:
+                raise DataError(f"{join_url(root, stem)}[.gz]: missing (an IDX set holds train-images-idx3-ubyte, "
+                                "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzipped or not)")
+            if len(hits) > 1:
+                raise DataError(f"{join_url(root, stem)}: both {hits[0]} and {hits[1]} present; keep one")
+            found.append(join_url(root, hits[0]))
+        out[part] = (found[0], found[1])
+    return out
+
+
+def load_idx_pair(images_url: str, labels_url: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, H, W]`` and int64 labels ``[N]`` from an IDX image file and its label file."""
+    fs, ipath = url_to_fs(images_url, None)
+    images = _read_idx_file(fs, ipath, images_url)
+    fs, lpath = url_to_fs(labels_url, None)
+    labels = _read_idx_file(fs, lpath, labels_url)
+    if images.ndim != 3:
+        raise DataError(f"{images_url}: IDX images must have 3 dimensions (N, rows, cols), got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_url}: IDX labels must have 1 dimension (N), got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_url}: {len(images)} images but {labels_url} holds {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{images_url}: no images")
+    return images, labels.astype(np.int64)
+
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+"""Class names of Fashion-MNIST, by label."""
+
+
+def build_idx(
+    root: str,
+    out_url: str,
+    *,
+    holdout: int = 0,
+    shard_size: int = 5000,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    classes: list[str] | None = None,
+    reencode: Reencode | None = None,
+) -> dict[str, Manifest]:
+    """Shard an IDX image/label set (MNIST, Fashion-MNIST, KMNIST, ...) found in the folder ``root``.
+
+    With ``holdout=0``: ``train-*`` becomes the ``train`` split and ``t10k-*`` the ``val`` split. With
+    ``holdout=N > 0``, the last N training images become the ``val`` split (to choose settings on) and
+    ``t10k-*`` becomes the ``test`` split (to report on): ``train`` keeps the first ``len - N``.
+    Images are stored as lossless grayscale PNG in file order (a sample's stable index is its position in
+    its split); labels must lie in ``[0, len(classes))``; ``classes`` default to the label numbers
+    ``"0"``.. up to the largest label. Returns the manifests by split.
+    """
+    files = find_idx_files(root)
+    name = name or posixpath.basename(absolute_url(root).rstrip("/")) or "idx"
+    train_x, train_y = load_idx_pair(*files["train"])
+    test_x, test_y = load_idx_pair(*files["t10k"])
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"{files['t10k'][0]}: images are {test_x.shape[1]}x{test_x.shape[2]}, the training "
+                        f"images {train_x.shape[1]}x{train_x.shape[2]}")
+    if holdout < 0 or holdout >= len(train_x):
+        raise DataError(f"{root}: --holdout must be in [0, {len(train_x)}) (the training images), got {holdout}")
+    top = int(max(train_y.max(), test_y.max()))
+    if classes is None:
+        classes = [str(c) for c in range(top + 1)]
+    elif top >= len(classes):
+        raise DataError(f"{files['train'][1]}: label {top} is outside the {len(classes)} classes of {name}")
+    if holdout:
+        cut = len(train_x) - holdout
+        splits = {"train": (train_x[:cut], train_y[:cut]), "val": (train_x[cut:], train_y[cut:]),
+                  "test": (test_x, test_y)}
+    else:
+        splits = {"train": (train_x, train_y), "val": (test_x, test_y)}
+    out: dict[str, Manifest] = {}
+    for split, (x, y) in splits.items():
+        out[split] = write_split(
+            ((_png(x[i]), "png", int(y[i])) for i in range(len(x))), out_url, name=name, split=split,
+            classes=list(classes), channels=1, shard_size=shard_size, storage_options=storage_options,
+            progress=progress, total=len(x), reencode=reencode)
+    return out

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
 from kd_cluster.config.spec import LabelStageSpec, ModelSpec, StageSpec, TeacherSpec
-from kd_cluster.data import DataError, Manifest, load_manifest, read_labels
+from kd_cluster.data import DataError, DatasetMissing, Manifest, load_manifest, read_labels
+from kd_cluster.data.catalog import check_builtin, is_builtin
 from kd_cluster.data.soft_labels import label_mismatches
 from kd_cluster.methods import MethodError, Needs, method_needs
 from kd_cluster.models import ModelError, check_model_name, check_taps, default_normalization, weights_sha256
@@ -74,6 +75,8 @@ class StagePlan:
 def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: list[str],
               opened: dict[tuple[str, str | None], Manifest | None]) -> Manifest | None:
     """Open a manifest once per planning call (stages usually share their data); report a failure once."""
+    if check == "local" and is_builtin(url):
+        check_builtin(url)  # a builtin set whose source files are missing stops here, without building anything
     if check == "none" or (check == "local" and is_remote(url)):
         return None
     if (url, endpoint) not in opened:
@@ -84,6 +87,8 @@ def _manifest(url: str, endpoint: str | None, field: str, check: str, problems: 
 def _open_manifest(url: str, endpoint: str | None, field: str, problems: list[str]) -> Manifest | None:
     try:
         return load_manifest(absolute(url), storage_options(url, endpoint))
+    except DatasetMissing:
+        raise  # one line naming what to install; every split of the set would repeat it
     except DataError as exc:
         problems.append(f"{field}: {exc}")
     except store_errors() as exc:  # fsspec/s3 errors: unreachable store, no credentials

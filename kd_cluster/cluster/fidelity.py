@@ -1,0 +1,253 @@
+"""`kd-cluster bench fidelity`: does distillation give a better student than training it alone?
+
+One teacher is trained once (an ordinary run of ``jobs/fashion_mnist/teacher.yaml``; a later call finds its
+stage finished and reuses the artifact). Then, for every seed and budget, the from-scratch student and each
+method train the same student from the same initialisation on the same data order (the seed fixes both):
+each is an ordinary run of ``jobs/fashion_mnist/<method>.yaml`` with the overrides recorded in ``runs.csv``,
+so any cell can be re-run by itself with ``kd-cluster run``. Runs that already finished are skipped, so an
+interrupted benchmark continues where it stopped.
+
+The first budget applies to every method; further budgets (longer schedules) to the from-scratch student
+and the function-matching family only (the paper's patience claim is about them).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("kd", "funmatch", "fixed_teacher", "independent_views", "fitnet", "at", "pad", "crd", "sskd", "ie_kd",
+           "dml", "ie_dml")
+"""Every distillation method the benchmark compares with the from-scratch student, in table order."""
+SCRATCH = "scratch"
+LONG_METHODS = (SCRATCH, "funmatch", "independent_views", "fixed_teacher")
+"""Trained at every budget; the other methods at the first budget only."""
+NO_TEACHER = ("dml", "ie_dml")
+"""Methods that learn from peers trained alongside, not from the teacher."""
+AUX_STAGES = {"sskd": "head", "ie_kd": "autoencoder"}
+"""Methods whose job trains a module on the frozen teacher first; that stage gets a fifth of the budget."""
+
+QUICK = {"seeds": [0], "budgets": [100], "teacher_steps": 300}
+FULL = {"seeds": [0, 1, 2], "budgets": [1500, 6000], "teacher_steps": 3000}
+
+
+class FidelityError(ValueError):
+    """A benchmark that cannot be set up as asked (bad option, missing job file)."""
+
+
+@dataclass
+class Cell:
+    """One training run of the benchmark."""
+
+    method: str
+    seed: int
+    budget: int
+    run: str
+    job: str
+    overrides: list[str]
+    top1: float = float("nan")
+    wall_s: float = 0.0
+    skipped: bool = False
+
+
+@dataclass
+class FidelityResult:
+    teacher_top1: float
+    teacher_steps: int
+    cells: list[Cell] = field(default_factory=list)
+    wall_s: float = 0.0
+    table: str = ""
+
+
+def data_urls(dataset: str, eval_split: str) -> tuple[str, str]:
+    """``(train, eval)`` manifest URLs: a builtin name (``fashion-mnist``) or a folder/URL holding split folders."""
+    from kd_cluster.data import builtin_names
+
+    if dataset in builtin_names():
+        return f"builtin://{dataset}/train", f"builtin://{dataset}/{eval_split}"
+    base = dataset.rstrip("/")
+    return f"{base}/train", f"{base}/{eval_split}"
+
+
+def run_prefix(dataset: str, eval_split: str) -> str:
+    """Run-name prefix: runs on another dataset or evaluated on another split are other runs, never reused here."""
+    import re
+
+    name = "fmnist" if dataset == "fashion-mnist" else re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.rstrip("/"))[-16:].strip("-.") or "data"
+    return name if eval_split == "test" else f"{name}-{eval_split}"
+
+
+def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: list[int], runs: str,
+               teacher_weights: str, train: str, val: str, prefix: str) -> list[Cell]:
+    """Every run of the benchmark with its job file and overrides, in running order."""
+    cells = []
+    for budget_no, budget in enumerate(budgets):
+        for method in [SCRATCH, *methods]:
+            if budget_no > 0 and method not in LONG_METHODS:
+                continue
+            job = jobs_dir / f"{method}.yaml"
+            for seed in seeds:
+                run = f"{prefix}-{method}-b{budget}-s{seed}"
+                over = [f"name={run}", f"seed={seed}", f"schedule.steps={budget}",
+                        f"schedule.warmup_steps={max(1, budget // 20)}", f"schedule.eval_every={budget}",
+                        f"schedule.checkpoint_every={budget}", f"schedule.log_every={max(1, min(100, budget // 5))}",
+                        f"storage.path={runs}", f"data.train={train}", f"data.val={val}",
+                        "telemetry.wandb_mode=disabled", "telemetry.progress=false",
+                        f"telemetry.wandb_dir={Path(runs).parent / 'telemetry' / 'wandb'}"]
+                if method != SCRATCH and method not in NO_TEACHER:
+                    over.append(f"teacher.weights={teacher_weights}")
+                if method in AUX_STAGES:
+                    aux, steps = AUX_STAGES[method], max(1, budget // 5)
+                    over += [f"stages.{aux}.set.schedule.steps={steps}",
+                             f"stages.{aux}.set.schedule.warmup_steps={max(0, steps // 20)}"]
+                cells.append(Cell(method, seed, budget, run, str(job), over))
+    return cells
+
+
+def _top1(stage: dict[str, Any]) -> float:
+    return float(stage.get("final_metrics", {}).get("eval/student_top1", float("nan")))
+
+
+def summarize(cells: list[Cell]) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """(method, budget) -> (mean, sample std (0 for one seed), seeds) of the final top-1."""
+    by: dict[tuple[str, int], list[float]] = {}
+    for c in cells:
+        by.setdefault((c.method, c.budget), []).append(c.top1)
+    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in by.items()}
+
+
+def markdown_table(cells: list[Cell], teacher_top1: float, teacher_steps: int) -> str:
+    """Mean +- std per method and budget, the margin over the from-scratch student at that budget, and whether
+    it exceeds twice the larger of the two standard deviations (needs >= 2 seeds)."""
+    s = summarize(cells)
+    rows = ["| method | steps | seeds | top-1 mean ± std | vs scratch | > 2σ | per seed |", "|---|---|---|---|---|---|---|"]
+    per_seed: dict[tuple[str, int], list[str]] = {}
+    for c in cells:
+        per_seed.setdefault((c.method, c.budget), []).append(f"{c.top1:.4f}")
+    budgets = sorted({c.budget for c in cells})
+    order = [SCRATCH, *METHODS]
+    for budget in budgets:
+        base = s.get((SCRATCH, budget))
+        for method in sorted({c.method for c in cells if c.budget == budget}, key=order.index):
+            mean, std, n = s[(method, budget)]
+            if method == SCRATCH or base is None:
+                margin, sig = "-", "-"
+            else:
+                d = mean - base[0]
+                margin = f"{d * 100:+.2f}"
+                sig = "n/a" if n < 2 or base[2] < 2 else ("yes" if d > 2 * max(std, base[1]) else "no")
+            label = "scratch (CE only)" if method == SCRATCH else method
+            rows.append(f"| {label} | {budget} | {n} | {mean:.4f} ± {std:.4f} | {margin} | {sig} | "
+                        f"{' '.join(per_seed[(method, budget)])} |")
+    rows.append(f"| teacher (cnn_m) | {teacher_steps} | 1 | {teacher_top1:.4f} | - | - | - |")
+    return "\n".join(rows)
+
+
+def write_csv(cells: list[Cell], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seed", "budget", "top1", "wall_s", "reused", "run", "job", "command"])
+        for c in cells:
+            cmd = " ".join(["kd-cluster", "run", c.job, "--no-ray", *c.overrides])
+            w.writerow([c.method, c.seed, c.budget, f"{c.top1:.6f}", f"{c.wall_s:.1f}", int(c.skipped), c.run, c.job,
+                        cmd])
+
+
+def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
+    """Top-1 against the budget, one line per method, error bars of one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(cells)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    order = [SCRATCH, *METHODS]
+    for method in sorted({c.method for c in cells}, key=order.index):
+        pts = sorted((b, *s[(m, b)][:2]) for (m, b) in s if m == method)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="scratch" if method == SCRATCH else method,
+                    linewidth=2.5 if method == SCRATCH else 1.2, color="black" if method == SCRATCH else None)
+    if not math.isnan(teacher_top1):
+        ax.axhline(teacher_top1, linestyle="--", color="grey", label="teacher")
+    budgets = sorted({c.budget for c in cells})
+    if len(budgets) > 1:
+        ax.set_xscale("log")
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("student training steps")
+    ax.set_ylabel("top-1 (mean ± std over seeds)")
+    ax.set_title("Distilled vs from-scratch student")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[int], budgets: list[int],
+                 teacher_steps: int, dataset: str = "fashion-mnist", eval_split: str = "test",
+                 prefix: str | None = None, on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
+    """Train the teacher (once), then every cell; write table.md, runs.csv and fidelity.png into ``out``."""
+    from kd_cluster.cluster.driver import run_job
+    from kd_cluster.config import load_job
+    from kd_cluster.results import attempt
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise FidelityError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if not seeds or not budgets or min(budgets) < 1:
+        raise FidelityError("--seeds and --budgets need at least one value each; budgets are steps >= 1")
+    for name in ("teacher", SCRATCH, *methods):
+        if not (jobs_dir / f"{name}.yaml").is_file():
+            raise FidelityError(f"{jobs_dir / (name + '.yaml')}: missing job file")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = str((out / "runs").resolve())
+    train, val = data_urls(dataset, eval_split)
+    prefix = prefix or run_prefix(dataset, eval_split)
+    tel = f"telemetry.wandb_dir={out.resolve() / 'telemetry' / 'wandb'}"
+    teacher_over = [f"name={prefix}-teacher-{teacher_steps}", f"schedule.steps={teacher_steps}",
+                    f"schedule.warmup_steps={max(1, teacher_steps // 20)}", f"schedule.eval_every={teacher_steps}",
+                    f"schedule.checkpoint_every={teacher_steps}", f"schedule.log_every={max(1, min(100, teacher_steps // 5))}",
+                    f"storage.path={runs}", f"data.train={train}", f"data.val={val}", "telemetry.wandb_mode=disabled",
+                    "telemetry.progress=false", tel]
+    tspec = load_job(jobs_dir / "teacher.yaml", teacher_over)
+    with attempt(tspec):
+        tres = run_job(tspec, str(jobs_dir / "teacher.yaml"), use_ray=False)
+    teacher_stage = list(tres.stages)[-1]
+    teacher_top1 = _top1(tres.stages[teacher_stage])
+    teacher_weights = f"{runs}/{tspec.name}/{teacher_stage}/model.safetensors"
+    cells = plan_cells(jobs_dir, methods, seeds, budgets, runs, teacher_weights, train, val, prefix)
+    for i, cell in enumerate(cells):
+        if on_run:
+            on_run(cell, i, len(cells))
+        spec = load_job(cell.job, cell.overrides)
+        t1 = time.perf_counter()
+        with attempt(spec):
+            res = run_job(spec, cell.job, use_ray=False)
+        last = list(res.stages)[-1]
+        cell.top1 = _top1(res.stages[last])
+        cell.skipped = last in res.skipped
+        cell.wall_s = float(res.stages[last].get("wall_s", time.perf_counter() - t1)) if cell.skipped else \
+            time.perf_counter() - t1
+    result = FidelityResult(teacher_top1, teacher_steps, cells, time.perf_counter() - t0)
+    result.table = markdown_table(cells, teacher_top1, teacher_steps)
+    header = (f"Student top-1 on {val} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}); teacher "
+              f"{teacher_steps} steps; wall time {result.wall_s:.0f} s on {os.cpu_count()} CPUs.\n\n")
+    (out / "table.md").write_text(header + result.table + "\n")
+    write_csv(cells, out / "runs.csv")
+    plot(cells, teacher_top1, out / "fidelity.png")
+    return result
+
+
+__all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "markdown_table",
+           "plan_cells", "run_fidelity", "run_prefix", "summarize"]

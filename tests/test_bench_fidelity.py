@@ -1,0 +1,81 @@
+"""`kd-cluster bench fidelity` end to end on a tiny IDX fixture (two methods, a few steps): the table, the CSV
+of every run and the plot it writes, and a second call that reuses every finished run. No accuracy claims."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix
+from test_fashion_mnist import write_idx_set
+
+
+def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_CLUSTER_FASHION_MNIST": str(tmp_path / "fm"), "KD_CLUSTER_CACHE": str(tmp_path / "cache"),
+           "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "kd_cluster.cli", "bench", "fidelity", "--out", str(tmp_path / "out"),
+                           *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
+    write_idx_set(tmp_path / "fm", n_train=300, n_test=40)
+    args = ("--methods", "kd,funmatch", "--seeds", "0,1", "--budgets", "3,6", "--teacher-steps", "3")
+    r = bench(tmp_path, *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    # budget 3: scratch, kd, funmatch; budget 6: scratch and funmatch only (kd is not of the long family); 2 seeds
+    cells = sorted((r["method"], int(r["budget"]), int(r["seed"])) for r in rows)
+    assert cells == sorted([(m, 3, s) for m in ("scratch", "kd", "funmatch") for s in (0, 1)]
+                           + [(m, 6, s) for m in ("scratch", "funmatch") for s in (0, 1)])
+    for row in rows:
+        assert 0.0 <= float(row["top1"]) <= 1.0 and row["reused"] == "0"
+        assert (out / "runs" / row["run"] / "job.json").is_file()  # an ordinary run folder
+        assert row["command"].startswith(f"kd-cluster run {row['job']} --no-ray name={row['run']} seed={row['seed']}")
+    assert (out / "runs" / "fmnist-teacher-3" / "teacher" / "model.safetensors").is_file()
+    table = (out / "table.md").read_text()
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    assert lines[0].startswith("| method | steps | seeds | top-1 mean ± std | vs scratch |")
+    assert len(lines) == 2 + 5 + 1  # header, rule, 5 (method, budget) rows, the teacher
+    assert any(ln.startswith("| kd | 3 | 2 | ") for ln in lines) and any(ln.startswith("| funmatch | 6 | 2 |") for ln in lines)
+    with Image.open(out / "fidelity.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+    assert "scratch (CE only)" in r.stdout and "wall time" in r.stdout
+
+    # a second call trains nothing: the teacher and every cell are found finished and reused
+    r = bench(tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = list(csv.DictReader((out / "runs.csv").open()))
+    assert [x["reused"] for x in again] == ["1"] * len(rows)
+    assert [x["top1"] for x in again] == [x["top1"] for x in rows]
+
+
+def test_bench_fidelity_bad_options_are_one_line(tmp_path: Path) -> None:
+    for args, needle in ((("--methods", "kd,nope"), "unknown ['nope']"), (("--seeds", "a"), "--seeds 'a'"),
+                         (("--budgets", "0"), ">= 1")):
+        r = bench(tmp_path, *args)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_plan_cells_share_init_and_data_order_across_methods() -> None:
+    jobs = Path(__file__).resolve().parent.parent / "jobs" / "fashion_mnist"
+    cells = plan_cells(jobs, list(METHODS), FULL["seeds"], FULL["budgets"], "/r", "/t.safetensors", "tr", "te", "p")
+    for c in cells:
+        assert Path(c.job).is_file()
+        assert f"seed={c.seed}" in c.overrides and f"schedule.steps={c.budget}" in c.overrides
+        assert ("teacher.weights=/t.safetensors" in c.overrides) == (c.method not in ("scratch", "dml", "ie_dml"))
+    long = {c.method for c in cells if c.budget == FULL["budgets"][1]}
+    assert long == set(LONG_METHODS)
+    assert len({c.run for c in cells}) == len(cells)
+
+
+def test_runs_of_another_dataset_or_split_are_other_runs() -> None:
+    names = {run_prefix("fashion-mnist", "test"), run_prefix("fashion-mnist", "val"), run_prefix("/data/kmnist", "test"),
+             run_prefix("s3://b/kmnist/", "val")}
+    assert len(names) == 4 and run_prefix("fashion-mnist", "test") == "fmnist"
+    assert all(n[0].isalnum() for n in names)
