@@ -114,6 +114,9 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
+        self._made: list[str] = []
+        """Local folders the lease's create made (deepest first): removed again at release while still empty, so
+        a run refused before it wrote anything (a missing dataset, say) leaves no folder behind."""
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -178,6 +181,12 @@ class RunLease:
                     self.store.remove(LEASE)
             except OSError as exc:  # the run's outcome does not depend on it: a stale lease can be forced
                 log.warning("run %r: could not remove its lease (%s)", self.run, exc)
+        for folder in self._made:  # deepest first; a folder the run wrote into is not empty and stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> RunLease:
         return self
@@ -194,6 +203,11 @@ class RunLease:
         """Create the lease if no lease exists; True when it is ours."""
         target = self.store._p(LEASE)
         fs = self.store.fs
+        if self.store.local and not self._made:
+            folder = os.path.dirname(os.path.abspath(target))
+            while folder and not os.path.isdir(folder) and folder != os.path.dirname(folder):
+                self._made.append(folder)
+                folder = os.path.dirname(folder)
         fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if self.store.local:
             tmp = f"{target}.{self.info.owner}.tmp"
