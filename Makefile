@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kd-cluster demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
