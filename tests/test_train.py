@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -190,7 +191,15 @@ def test_ray_two_workers_ddp(ray_cluster: str, tiny_job, tmp_path: Path, capfd: 
     d = tmp_path / "runs" / "ray2" / "distill"
     latest = json.loads((d / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 8 and latest["world_size"] == 2
-    assert {"state.pt", "rng.pt"} == {p.name for p in (d / "checkpoints" / latest["dir"]).iterdir()}
+    step_dir = d / "checkpoints" / latest["dir"]
+    assert {"state.pt", "rng.pt", "manifest.json"} == {p.name for p in step_dir.iterdir()}
+    # the manifest verifies what the two workers' checkpoint holds: both files, by size and SHA-256
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["step"] == 8
+    listed = manifest["files"]
+    for name in ("state.pt", "rng.pt"):
+        data = (step_dir / name).read_bytes()
+        assert listed[name]["size"] == len(data) and listed[name]["sha256"] == hashlib.sha256(data).hexdigest()
     log = _metrics(tmp_path, "ray2", "distill")
     assert [m["step"] for m in log] == [2, 4, 6, 8]
     assert 0.0 <= log[-1]["eval/agreement"] <= 1.0
