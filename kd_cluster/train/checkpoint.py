@@ -315,13 +315,6 @@ def load_verified(ckpts: CheckpointStore, retry_s: float = 60.0) -> Restored | N
     return None
 
 
-def restore_files(ckpts: CheckpointStore, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(state, per-rank RNG states) of the committed checkpoint of ``step``, verified when it has checksums."""
-    pointer = ckpts.latest_info()
-    files = (pointer.get("checksums") or {}).get(str(step)) or ckpts.manifest(step)
-    return read_verified(ckpts, step, files if valid_checksums(files) else None)
-
-
 __all__ = ["RNG_FILE", "STATE_FILE", "CheckpointDamaged", "CheckpointWriter", "NoValidCheckpoint", "Restored",
-           "UploadResult", "deserialize", "file_digest", "load_verified", "read_verified", "restore_files",
+           "UploadResult", "deserialize", "file_digest", "load_verified", "read_verified",
            "rng_state", "serialize", "set_rng_state", "snapshot", "with_retry"]
