@@ -38,8 +38,18 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
         assert (out / "runs" / row["run"] / "job.json").is_file()  # an ordinary run folder
         assert row["command"].startswith(f"kd-cluster run {row['job']} --no-ray name={row['run']} seed={row['seed']}")
     assert (out / "runs" / "fmnist-teacher-3" / "teacher" / "model.safetensors").is_file()
+    for row in rows:  # agreement with the teacher: every distilled run has both, the scratch student neither
+        has = row["method"] != "scratch"
+        assert bool(row["val_agreement"]) == has and bool(row["train_batch_agreement"]) == has, row
+        assert has or row["loss_terms"].startswith("ce=")
+        assert all(0.0 <= float(row[k]) <= 1.0 for k in ("val_agreement", "train_batch_agreement") if row[k])
     table = (out / "table.md").read_text()
-    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    blocks = [b for b in table.split("\n\n") if b.startswith("|")]
+    assert len(blocks) == 2  # the main table and the function-matching family's agreement table
+    family = blocks[1].splitlines()
+    assert family[0].startswith("| method | steps | top-1 | agreement, last train batch | agreement, eval split |")
+    assert [ln.split(" | ")[:2] for ln in family[2:]] == [["| funmatch", "3"], ["| funmatch", "6"]]
+    lines = blocks[0].splitlines()
     assert lines[0].startswith("| method | steps | seeds | top-1 mean ± std | vs scratch |")
     assert len(lines) == 2 + 5 + 1  # header, rule, 5 (method, budget) rows, the teacher
     assert any(ln.startswith("| kd | 3 | 2 | ") for ln in lines) and any(ln.startswith("| funmatch | 6 | 2 |") for ln in lines)

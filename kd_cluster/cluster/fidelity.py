@@ -35,7 +35,7 @@ AUX_STAGES = {"sskd": "head", "ie_kd": "autoencoder"}
 """Methods whose job trains a module on the frozen teacher first; that stage gets a fifth of the budget."""
 
 QUICK = {"seeds": [0], "budgets": [100], "teacher_steps": 300}
-FULL = {"seeds": [0, 1, 2], "budgets": [1500, 6000], "teacher_steps": 3000}
+FULL = {"seeds": [0, 1, 2], "budgets": [500, 2000], "teacher_steps": 3000}
 
 
 class FidelityError(ValueError):
@@ -55,6 +55,8 @@ class Cell:
     top1: float = float("nan")
     wall_s: float = 0.0
     skipped: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The run's final metrics: agreements with the teacher, the loss terms at the last logged step."""
 
 
 @dataclass
@@ -150,14 +152,54 @@ def markdown_table(cells: list[Cell], teacher_top1: float, teacher_steps: int) -
     return "\n".join(rows)
 
 
+NOT_TERMS = {"lr", "images_per_s", "corrupt_samples", "data_wait_s_per_step", "mixup_lambda"}
+
+
+def loss_terms(metrics: dict[str, float]) -> dict[str, float]:
+    """The loss and its weighted terms at the last logged step (the un-prefixed scalars a method logs)."""
+    return {k: v for k, v in metrics.items() if "/" not in k and k not in NOT_TERMS}
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or math.isnan(v) else f"{v:.6f}"
+
+
 def write_csv(cells: list[Cell], path: Path) -> None:
+    """Every run: its top-1, its agreement with the teacher on the eval split and on its last logged training
+    batch (the function-matching paper's fit-vs-generalise gap), the loss terms at the end, and the command."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "seed", "budget", "top1", "wall_s", "reused", "run", "job", "command"])
+        w.writerow(["method", "seed", "budget", "top1", "val_agreement", "train_batch_agreement", "wall_s", "reused",
+                    "run", "job", "loss_terms", "command"])
         for c in cells:
             cmd = " ".join(["kd-cluster", "run", c.job, "--no-ray", *c.overrides])
-            w.writerow([c.method, c.seed, c.budget, f"{c.top1:.6f}", f"{c.wall_s:.1f}", int(c.skipped), c.run, c.job,
-                        cmd])
+            terms = " ".join(f"{k}={v:.4g}" for k, v in sorted(loss_terms(c.metrics).items()))
+            w.writerow([c.method, c.seed, c.budget, f"{c.top1:.6f}", _fmt(c.metrics.get("eval/agreement")),
+                        _fmt(c.metrics.get("train/teacher_agreement")), f"{c.wall_s:.1f}", int(c.skipped), c.run,
+                        c.job, terms, cmd])
+
+
+def _mean_std(values: list[float]) -> str:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return "-"
+    return f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}"
+
+
+def agreement_table(cells: list[Cell]) -> str:
+    """The function-matching family at every budget: top-1 next to the student's agreement with the teacher on
+    its last training batch and on the eval split (a student that fits its targets but not the eval split has
+    a high first and a low second)."""
+    rows = ["| method | steps | top-1 | agreement, last train batch | agreement, eval split |", "|---|---|---|---|---|"]
+    order = [SCRATCH, *METHODS]
+    keys = sorted({(c.method, c.budget) for c in cells if c.method in LONG_METHODS and c.method != SCRATCH},
+                  key=lambda k: (order.index(k[0]), k[1]))
+    for method, budget in keys:
+        cs = [c for c in cells if (c.method, c.budget) == (method, budget)]
+        rows.append(f"| {method} | {budget} | {_mean_std([c.top1 for c in cs])} | "
+                    f"{_mean_std([c.metrics.get('train/teacher_agreement', math.nan) for c in cs])} | "
+                    f"{_mean_std([c.metrics.get('eval/agreement', math.nan) for c in cs])} |")
+    return "\n".join(rows)
 
 
 def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
@@ -236,18 +278,24 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
             res = run_job(spec, cell.job, use_ray=False)
         last = list(res.stages)[-1]
         cell.top1 = _top1(res.stages[last])
+        cell.metrics = {k: float(v) for k, v in res.stages[last].get("final_metrics", {}).items()
+                        if isinstance(v, (int, float))}
         cell.skipped = last in res.skipped
         cell.wall_s = float(res.stages[last].get("wall_s", time.perf_counter() - t1)) if cell.skipped else \
             time.perf_counter() - t1
     result = FidelityResult(teacher_top1, teacher_steps, cells, time.perf_counter() - t0)
     result.table = markdown_table(cells, teacher_top1, teacher_steps)
+    t_wall = float(tres.stages[teacher_stage].get("wall_s", float("nan")))
     header = (f"Student top-1 on {val} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}); teacher "
-              f"{teacher_steps} steps; wall time {result.wall_s:.0f} s on {os.cpu_count()} CPUs.\n\n")
-    (out / "table.md").write_text(header + result.table + "\n")
+              f"{teacher_steps} steps ({t_wall:.0f} s when it was trained{', reused here' if teacher_stage in tres.skipped else ''}); "
+              f"wall time of this call {result.wall_s:.0f} s on {os.cpu_count()} CPUs.\n\n")
+    family = agreement_table(cells)
+    (out / "table.md").write_text(header + result.table + "\n" + (
+        "\n\nThe function-matching family (mean ± std over seeds):\n\n" + family + "\n" if family.count("\n") > 1 else ""))
     write_csv(cells, out / "runs.csv")
     plot(cells, teacher_top1, out / "fidelity.png")
     return result
 
 
-__all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "markdown_table",
-           "plan_cells", "run_fidelity", "run_prefix", "summarize"]
+__all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "agreement_table",
+           "loss_terms", "markdown_table", "plan_cells", "run_fidelity", "run_prefix", "summarize"]
