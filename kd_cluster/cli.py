@@ -846,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "same init and data order over seeds and budgets: table.md, runs.csv, fidelity.png")
     bf.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
     bf.add_argument("--budgets", default=None, help="comma-separated student steps; the first for every method, "
-                    "the others for scratch and funmatch/independent_views/fixed_teacher (default 1500,6000; "
+                    "the others for scratch and funmatch/independent_views/fixed_teacher (default 500,2000; "
                     "--quick: 100)")
     bf.add_argument("--methods", default=None, help="comma-separated methods (default: all 12)")
     bf.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 3000; --quick: 300)")
