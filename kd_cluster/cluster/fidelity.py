@@ -222,6 +222,7 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
     budgets = sorted({c.budget for c in cells})
     if len(budgets) > 1:
         ax.set_xscale("log")
+        ax.minorticks_off()  # only the budgets are labelled (a log axis would add e.g. 6x10^2 between 500 and 2000)
     ax.set_xticks(budgets)
     ax.set_xticklabels([str(b) for b in budgets])
     ax.set_xlabel("student training steps")
