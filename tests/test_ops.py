@@ -27,14 +27,20 @@ VENV_BIN = str(Path(sys.executable).parent)
 SECRET = "kdcTESTsecretVALUE-9f8e7d6c5b4a"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    full = {**os.environ, "COLUMNS": "200"}  # rich tables unwrapped
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI call: rich tables unwrapped, no Ray address, and of the forwarded variables only
+    what a test passes (the session's S3 fixture sets some)."""
+    full = {**os.environ, "COLUMNS": "200"}
     full.pop("RAY_ADDRESS", None)
-    for name in jobs_api.FORWARDED_ENV:  # only what a test passes (the session's S3 fixture sets some)
+    for name in jobs_api.FORWARDED_ENV:
         full.pop(name, None)
     full.update(env or {})
+    return full
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kd_cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full)
+                          timeout=timeout, env=cli_env(env))
 
 
 def free_ports(n: int) -> list[int]:
@@ -132,16 +138,12 @@ def follow(sid: str, url: str, stall_s: float = 420) -> subprocess.CompletedProc
     """`kd-cluster logs SID --follow`, which returns when the job ends, waited on for progress rather than by the
     clock: it fails only when the job prints nothing for ``stall_s`` (on a loaded 2-core machine, starting a Ray
     Train worker group alone can take minutes; the test's own timeout bounds the whole)."""
-    full = {**os.environ, "COLUMNS": "200"}
-    full.pop("RAY_ADDRESS", None)
-    for name in jobs_api.FORWARDED_ENV:
-        full.pop(name, None)
     out_path = Path(tempfile.mkstemp(prefix="kdc-follow-")[1])
     err_path = Path(tempfile.mkstemp(prefix="kdc-follow-err-")[1])
     try:
         with out_path.open("w") as out, err_path.open("w") as err_file, subprocess.Popen(
                 [sys.executable, "-m", "kd_cluster.cli", "logs", sid, "--follow", "--address", url],
-                stdout=out, stderr=err_file, text=True, env=full) as proc:
+                stdout=out, stderr=err_file, text=True, env=cli_env()) as proc:
             seen, last = 0, time.monotonic()
             while proc.poll() is None:
                 size = out_path.stat().st_size

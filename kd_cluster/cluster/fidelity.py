@@ -152,12 +152,11 @@ def markdown_table(cells: list[Cell], teacher_top1: float, teacher_steps: int) -
     return "\n".join(rows)
 
 
-NOT_TERMS = {"lr", "images_per_s", "corrupt_samples", "data_wait_s_per_step", "mixup_lambda"}
-
-
 def loss_terms(metrics: dict[str, float]) -> dict[str, float]:
-    """The loss and its weighted terms at the last logged step (the un-prefixed scalars a method logs)."""
-    return {k: v for k, v in metrics.items() if "/" not in k and k not in NOT_TERMS}
+    """The loss and its weighted terms at the last logged step (as the run report's loss panels pick them)."""
+    from kd_cluster.results.report import is_loss_term
+
+    return {k: v for k, v in metrics.items() if is_loss_term(k)}
 
 
 def _fmt(v: float | None) -> str:

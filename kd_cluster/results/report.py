@@ -22,6 +22,13 @@ from kd_cluster.storage import Store, join
 
 NOT_LOSS = {"lr", "images_per_s", "data_wait_s_per_step", "corrupt_samples", "mixup_lambda"}
 """Scalars without a '/' in their name that are not loss terms."""
+
+
+def is_loss_term(key: str) -> bool:
+    """Whether a logged scalar is the loss or one of its weighted terms (un-prefixed, not a rate or an accuracy)."""
+    return "/" not in key and key not in NOT_LOSS and not key.endswith("top1")
+
+
 SKIP = {"step", "time", "data/keys_crc"}
 """Not quantities: the axis, the wall clock, a fingerprint of the samples seen."""
 
@@ -101,7 +108,7 @@ def panels_for(series: list[Series]) -> list[Panel]:
         for r in s.records:
             keys.update(dict.fromkeys(k for k, v in r.items() if isinstance(v, (int, float)) and k not in SKIP))
     fixed_keys = {k for p in FIXED for k in p.keys}
-    terms = [k for k in keys if "/" not in k and k not in NOT_LOSS and k != "loss" and not k.endswith("top1")]
+    terms = [k for k in keys if is_loss_term(k) and k != "loss"]
     other = [k for k in keys if k not in fixed_keys and k not in terms and k != "loss"]
     losses = [Panel("loss (sum of the terms)", ("loss",), "loss", log_y=True)]
     losses += [Panel(f"loss term: {k}", (k,), "weighted term", log_y=True) for k in terms]
@@ -232,4 +239,4 @@ def build_report(runs: list[str], out: str, *, storage: str = "./runs", endpoint
             "missing_metrics": [s.metrics_file for s in series if not s.records]}
 
 
-__all__ = ["FIXED", "Panel", "Series", "build_report", "load_series", "panels_for", "plot_png", "render"]
+__all__ = ["FIXED", "Panel", "Series", "build_report", "is_loss_term", "load_series", "panels_for", "plot_png", "render"]
