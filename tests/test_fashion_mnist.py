@@ -108,6 +108,19 @@ def test_idx_holdout_carves_val_from_the_end_of_train(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x, arrays["t10k"][0])
 
 
+def test_idx_heads_are_the_first_training_images(tmp_path: Path) -> None:
+    arrays = write_idx_set(tmp_path / "idx")
+    ms = build_idx(str(tmp_path / "idx"), str(tmp_path / "out"), holdout=6, shard_size=50, progress=False,
+                   heads={"train10": 10})
+    assert {k: m.num_samples for k, m in ms.items()} == {"train": 30, "val": 6, "test": 12, "train10": 10}
+    x, y = decoded(str(tmp_path / "out" / "train10"))
+    np.testing.assert_array_equal(x, arrays["train"][0][:10])
+    np.testing.assert_array_equal(y, arrays["train"][1][:10])
+    for heads, needle in (({"train40": 31}, "holds 30"), ({"val": 3}, "already exists"), ({"none": 0}, "first 0")):
+        with pytest.raises(DataError, match=needle):
+            build_idx(str(tmp_path / "idx"), str(tmp_path / f"bad{len(needle)}"), holdout=6, progress=False, heads=heads)
+
+
 def test_idx_errors_are_one_line(tmp_path: Path) -> None:
     write_idx_set(tmp_path / "idx", gz=False)
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11, np.uint8)))
@@ -135,6 +148,10 @@ def test_builtin_fashion_mnist_from_the_variable(tmp_path: Path, monkeypatch: py
     assert train.classes[0] == "T-shirt/top" and len(train.classes) == 10
     x, _ = decoded(val.url)
     np.testing.assert_array_equal(x, arrays["train"][0][44:])
+    # train500: the first 500 of train; a fixture smaller than that gives all of its train split
+    x, y = decoded(load_manifest("builtin://fashion-mnist/train500").url)
+    np.testing.assert_array_equal(x, arrays["train"][0][:44])
+    np.testing.assert_array_equal(y, arrays["train"][1][:44])
     # another source folder gets its own cache entry, never the first one's shards
     write_idx_set(tmp_path / "fm2", n_train=24)
     monkeypatch.setenv("KD_CLUSTER_FASHION_MNIST", str(tmp_path / "fm2"))
@@ -165,7 +182,7 @@ def test_real_fashion_mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
             pytest.fail(f"{REAL}: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
         pytest.skip(f"{REAL}: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     monkeypatch.delenv("KD_CLUSTER_FASHION_MNIST", raising=False)
-    sizes = {s: load_manifest(f"builtin://fashion-mnist/{s}").num_samples for s in ("train", "val", "test")}
-    assert sizes == {"train": 55000, "val": 5000, "test": 10000}
+    sizes = {s: load_manifest(f"builtin://fashion-mnist/{s}").num_samples for s in ("train", "val", "test", "train500")}
+    assert sizes == {"train": 55000, "val": 5000, "test": 10000, "train500": 500}
     x, y = decoded(load_manifest("builtin://fashion-mnist/val").url)
     assert x.shape == (5000, 28, 28) and sorted(set(y.tolist())) == list(range(10))

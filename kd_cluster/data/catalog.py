@@ -22,6 +22,9 @@ FASHION_MNIST_ENV = "KD_CLUSTER_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HOLDOUT_DIVISOR = 12
 """The last twelfth of the training images (5,000 of Fashion-MNIST's 60,000) form builtin://fashion-mnist/val."""
+FASHION_MNIST_FEW = 500
+"""builtin://fashion-mnist/train500: the first 500 images of the train split (about 50 per class), the student's
+data in the benchmark's limited-data regime (a teacher trained on all of train, a student with few labels)."""
 
 
 def _mnist5k(out: str) -> object:
@@ -53,7 +56,7 @@ def _check_fashion_mnist() -> None:
 def _fashion_mnist_folder() -> str:
     # keyed by the source folder too: a set built from $KD_CLUSTER_FASHION_MNIST never stands in for another
     digest = hashlib.sha1(fashion_mnist_dir().encode()).hexdigest()[:10]
-    return f"fashion-mnist-v1-{digest}"
+    return f"fashion-mnist-v2-{digest}"  # v2: the train500 split
 
 
 def _fashion_mnist(out: str) -> object:
@@ -61,8 +64,11 @@ def _fashion_mnist(out: str) -> object:
 
     root = fashion_mnist_dir()
     n_train = len(load_idx_pair(*find_idx_files(root)["train"])[1])
-    return build_idx(root, out, holdout=n_train // FASHION_MNIST_HOLDOUT_DIVISOR, name="fashion-mnist",
-                     classes=FASHION_MNIST_CLASSES, progress=False)
+    holdout = n_train // FASHION_MNIST_HOLDOUT_DIVISOR
+    # a smaller IDX set in $KD_CLUSTER_FASHION_MNIST (a test fixture) gets all of its train split as train500
+    few = min(FASHION_MNIST_FEW, n_train - holdout)
+    return build_idx(root, out, holdout=holdout, name="fashion-mnist", classes=FASHION_MNIST_CLASSES,
+                     progress=False, heads={f"train{FASHION_MNIST_FEW}": few})
 
 
 # name -> (cache folder name; bump the version when the builder's output changes, builder(out_url), splits,
@@ -70,8 +76,10 @@ def _fashion_mnist(out: str) -> object:
 _BUILTINS: dict[str, tuple[str | Callable[[], str], Callable[[str], object], tuple[str, ...],
                            Callable[[], None] | None]] = {
     "mnist5k": ("mnist5k-v1", _mnist5k, ("train", "val"), None),
-    # train: the first 55,000 training images; val: the last 5,000 (for choosing settings); test: t10k
-    "fashion-mnist": (_fashion_mnist_folder, _fashion_mnist, ("train", "val", "test"), _check_fashion_mnist),
+    # train: the first 55,000 training images; val: the last 5,000 (for choosing settings); test: t10k;
+    # train500: the first 500 of train (the limited-data regime of `bench fidelity --train-split train500`)
+    "fashion-mnist": (_fashion_mnist_folder, _fashion_mnist, ("train", "val", "test", f"train{FASHION_MNIST_FEW}"),
+                      _check_fashion_mnist),
 }
 
 

@@ -529,6 +529,7 @@ def build_idx(
     name: str | None = None,
     classes: list[str] | None = None,
     reencode: Reencode | None = None,
+    heads: dict[str, int] | None = None,
 ) -> dict[str, Manifest]:
     """Shard an IDX image/label set (MNIST, Fashion-MNIST, KMNIST, ...) found in the folder ``root``.
 
@@ -537,7 +538,9 @@ def build_idx(
     ``t10k-*`` becomes the ``test`` split (to report on): ``train`` keeps the first ``len - N``.
     Images are stored as lossless grayscale PNG in file order (a sample's stable index is its position in
     its split); labels must lie in ``[0, len(classes))``; ``classes`` default to the label numbers
-    ``"0"``.. up to the largest label. Returns the manifests by split.
+    ``"0"``.. up to the largest label. ``heads`` adds splits made of the first N images of ``train``
+    (``{"train500": 500}``: a task with little labelled data, same images, same order). Returns the
+    manifests by split.
     """
     files = find_idx_files(root)
     name = name or posixpath.basename(absolute_url(root).rstrip("/")) or "idx"
@@ -559,6 +562,13 @@ def build_idx(
                   "test": (test_x, test_y)}
     else:
         splits = {"train": (train_x, train_y), "val": (test_x, test_y)}
+    for head, n in (heads or {}).items():
+        if head in splits:
+            raise DataError(f"{root}: a head split cannot be named {head!r} (that split already exists)")
+        if not 0 < n <= len(splits["train"][0]):
+            raise DataError(f"{root}: split {head!r} wants the first {n} training images; the train split holds "
+                            f"{len(splits['train'][0])}")
+        splits[head] = (splits["train"][0][:n], splits["train"][1][:n])
     out: dict[str, Manifest] = {}
     for split, (x, y) in splits.items():
         out[split] = write_split(
