@@ -386,10 +386,12 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
     jobs = Path(a.jobs_dir) if a.jobs_dir else _jobs_dir() / "fashion_mnist"
     console.print(f"bench fidelity: {len(methods)} methods + scratch, seeds {seeds}, budgets {budgets} (later "
                   f"budgets: scratch and the function-matching family), teacher {teacher_steps} steps; "
+                  f"students trained on the {a.train_split} split{f' as {a.student}' if a.student else ''}, "
                   f"evaluated on the {a.eval_split} split of {a.dataset}; runs under {out / 'runs'}", soft_wrap=True)
     try:
         res = run_fidelity(jobs_dir=jobs, out=out, methods=methods, seeds=seeds, budgets=budgets,
                            teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
+                           train_split=a.train_split, student=a.student,
                            on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method} seed {c.seed}, "
                                                                 f"{c.budget} steps ({c.run})"))
     except FidelityError as exc:
@@ -854,6 +856,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the evaluation split's manifests (default fashion-mnist)")
     bf.add_argument("--eval-split", default="test", help="split the table reports on (default test; val to "
                     "choose settings)")
+    bf.add_argument("--train-split", default="train", help="split the students train on (default train; the "
+                    "teacher always trains on train). fashion-mnist/train500: its first 500 images, the limited-data "
+                    "regime")
+    bf.add_argument("--student", default=None, help="student model for every run, DML/IE-DML peers included "
+                    "(default: the job files' cnn_xs)")
     bf.add_argument("--quick", action="store_true", help="one seed, one short budget, a shorter teacher")
     bf.add_argument("--out", default="./fidelity", help="output folder: runs/, table.md, runs.csv, fidelity.png")
     bf.add_argument("--jobs-dir", default=None, help="job files <method>.yaml, scratch.yaml, teacher.yaml "

@@ -4,6 +4,7 @@ of every run and the plot it writes, and a second call that reuses every finishe
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix
+from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix, split_url
 from test_fashion_mnist import write_idx_set
 
 
@@ -64,6 +65,20 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
     assert [x["reused"] for x in again] == ["1"] * len(rows)
     assert [x["top1"] for x in again] == [x["top1"] for x in rows]
 
+    # the limited-data regime: students (here cnn_s, DML's peer too) on train500; the teacher is the one above
+    r = bench(tmp_path, "--methods", "dml", "--seeds", "0", "--budgets", "3", "--teacher-steps", "3",
+              "--train-split", "train500", "--student", "cnn_s")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "reused here" in (out / "table.md").read_text()
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(x["method"], x["run"], x["reused"]) for x in rows] == [
+        ("scratch", "fmnist-train500-cnn_s-scratch-b3-s0", "0"), ("dml", "fmnist-train500-cnn_s-dml-b3-s0", "0")]
+    dml = json.loads((out / "runs" / rows[1]["run"] / "job.json").read_text())["spec"]
+    assert dml["student"]["arch"] == "cnn_s" and dml["method"]["peers"] == ["cnn_s"]
+    assert dml["data"]["train"] == "builtin://fashion-mnist/train500"
+    r = bench(tmp_path, "--methods", "kd", "--seeds", "0", "--budgets", "3", "--student", "nope")
+    assert r.returncode == 2 and "--student" in r.stderr and "nope" in r.stderr, r.stderr
+
 
 def test_bench_fidelity_bad_options_are_one_line(tmp_path: Path) -> None:
     for args, needle in ((("--methods", "kd,nope"), "unknown ['nope']"), (("--seeds", "a"), "--seeds 'a'"),
@@ -86,6 +101,22 @@ def test_plan_cells_share_init_and_data_order_across_methods() -> None:
 
 def test_runs_of_another_dataset_or_split_are_other_runs() -> None:
     names = {run_prefix("fashion-mnist", "test"), run_prefix("fashion-mnist", "val"), run_prefix("/data/kmnist", "test"),
-             run_prefix("s3://b/kmnist/", "val")}
-    assert len(names) == 4 and run_prefix("fashion-mnist", "test") == "fmnist"
-    assert all(n[0].isalnum() for n in names)
+             run_prefix("s3://b/kmnist/", "val"), run_prefix("fashion-mnist", "test", "train500"),
+             run_prefix("fashion-mnist", "test", "train500", "cnn_s"), run_prefix("fashion-mnist", "test", "train", "cnn_s"),
+             run_prefix("fashion-mnist", "test", "train", "timm:resnet18")}
+    assert len(names) == 8 and run_prefix("fashion-mnist", "test") == "fmnist"
+    assert run_prefix("fashion-mnist", "test", "train", None) == "fmnist"  # the defaults name the full regime's runs
+    assert all(n[0].isalnum() for n in names) and not any(":" in n or "/" in n for n in names)
+    assert split_url("fashion-mnist", "train500") == "builtin://fashion-mnist/train500"
+    assert split_url("s3://b/kmnist/", "test") == "s3://b/kmnist/test"
+
+
+def test_a_chosen_student_is_every_run_s_student_and_dml_s_peers() -> None:
+    jobs = Path(__file__).resolve().parent.parent / "jobs" / "fashion_mnist"
+    cells = plan_cells(jobs, list(METHODS), [0], [5], "/r", "/t.safetensors", "tr", "te", "p", student="cnn_s")
+    for c in cells:
+        assert "student.arch=cnn_s" in c.overrides
+        assert ("method.peers=[cnn_s]" in c.overrides) == (c.method == "dml")
+        assert ("method.peer_arch=cnn_s" in c.overrides) == (c.method == "ie_dml")
+    plain = plan_cells(jobs, list(METHODS), [0], [5], "/r", "/t.safetensors", "tr", "te", "p")
+    assert not any(o.startswith(("student.", "method.peer")) for c in plain for o in c.overrides)

@@ -68,26 +68,43 @@ class FidelityResult:
     table: str = ""
 
 
-def data_urls(dataset: str, eval_split: str) -> tuple[str, str]:
-    """``(train, eval)`` manifest URLs: a builtin name (``fashion-mnist``) or a folder/URL holding split folders."""
+def split_url(dataset: str, split: str) -> str:
+    """A split's manifest URL: of a builtin set (``fashion-mnist``) or of a folder/URL holding split folders."""
     from kd_cluster.data import builtin_names
 
     if dataset in builtin_names():
-        return f"builtin://{dataset}/train", f"builtin://{dataset}/{eval_split}"
-    base = dataset.rstrip("/")
-    return f"{base}/train", f"{base}/{eval_split}"
+        return f"builtin://{dataset}/{split}"
+    return f"{dataset.rstrip('/')}/{split}"
 
 
-def run_prefix(dataset: str, eval_split: str) -> str:
-    """Run-name prefix: runs on another dataset or evaluated on another split are other runs, never reused here."""
+def run_prefix(dataset: str, eval_split: str, train_split: str = "train", student: str | None = None) -> str:
+    """Run-name prefix: runs on another dataset, trained on another split, of another student or evaluated on
+    another split are other runs, never reused here. The teacher's runs use the prefix of the first two only
+    (it always trains on ``train``), so the limited-data regime reuses the full regime's teacher."""
     import re
 
     name = "fmnist" if dataset == "fashion-mnist" else re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.rstrip("/"))[-16:].strip("-.") or "data"
-    return name if eval_split == "test" else f"{name}-{eval_split}"
+    name = name if eval_split == "test" else f"{name}-{eval_split}"
+    if train_split != "train":
+        name += f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', train_split)}"
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', student)}" if student else name
+
+
+def student_overrides(method: str, student: str | None) -> list[str]:
+    """Overrides that make ``student`` the trained student; DML's and IE-DML's peers become the same model (the
+    job files' peers are the student's architecture, and stay so)."""
+    if not student:
+        return []
+    over = [f"student.arch={student}"]
+    if method == "dml":
+        over.append(f"method.peers=[{student}]")
+    elif method == "ie_dml":
+        over.append(f"method.peer_arch={student}")
+    return over
 
 
 def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: list[int], runs: str,
-               teacher_weights: str, train: str, val: str, prefix: str) -> list[Cell]:
+               teacher_weights: str, train: str, val: str, prefix: str, student: str | None = None) -> list[Cell]:
     """Every run of the benchmark with its job file and overrides, in running order."""
     cells = []
     for budget_no, budget in enumerate(budgets):
@@ -103,6 +120,7 @@ def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: li
                         f"storage.path={runs}", f"data.train={train}", f"data.val={val}",
                         "telemetry.wandb_mode=disabled", "telemetry.progress=false",
                         f"telemetry.wandb_dir={Path(runs).parent / 'telemetry' / 'wandb'}"]
+                over += student_overrides(method, student)
                 if method != SCRATCH and method not in NO_TEACHER:
                     over.append(f"teacher.weights={teacher_weights}")
                 if method in AUX_STAGES:
@@ -201,7 +219,7 @@ def agreement_table(cells: list[Cell]) -> str:
     return "\n".join(rows)
 
 
-def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
+def plot(cells: list[Cell], teacher_top1: float, path: Path, regime: str = "") -> None:
     """Top-1 against the budget, one line per method, error bars of one standard deviation."""
     import matplotlib
 
@@ -226,7 +244,7 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
     ax.set_xticklabels([str(b) for b in budgets])
     ax.set_xlabel("student training steps")
     ax.set_ylabel("top-1 (mean ± std over seeds)")
-    ax.set_title("Distilled vs from-scratch student")
+    ax.set_title(f"Distilled vs from-scratch student{f' ({regime})' if regime else ''}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
@@ -236,8 +254,10 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path) -> None:
 
 def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[int], budgets: list[int],
                  teacher_steps: int, dataset: str = "fashion-mnist", eval_split: str = "test",
+                 train_split: str = "train", student: str | None = None,
                  prefix: str | None = None, on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
-    """Train the teacher (once), then every cell; write table.md, runs.csv and fidelity.png into ``out``."""
+    """Train the teacher (once, on ``train``), then every cell (students on ``train_split``, as ``student`` when
+    given, else the job files' student); write table.md, runs.csv and fidelity.png into ``out``."""
     from kd_cluster.cluster.driver import run_job
     from kd_cluster.config import load_job
     from kd_cluster.results import attempt
@@ -254,13 +274,21 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     runs = str((out / "runs").resolve())
-    train, val = data_urls(dataset, eval_split)
-    prefix = prefix or run_prefix(dataset, eval_split)
+    if student:
+        from kd_cluster.models import ModelError, check_model_name
+
+        try:
+            check_model_name(student)
+        except ModelError as exc:
+            raise FidelityError(f"--student: {exc}") from None
+    teacher_train, train, val = (split_url(dataset, s) for s in ("train", train_split, eval_split))
+    teacher_prefix = run_prefix(dataset, eval_split)
+    prefix = prefix or run_prefix(dataset, eval_split, train_split, student)
     tel = f"telemetry.wandb_dir={out.resolve() / 'telemetry' / 'wandb'}"
-    teacher_over = [f"name={prefix}-teacher-{teacher_steps}", f"schedule.steps={teacher_steps}",
+    teacher_over = [f"name={teacher_prefix}-teacher-{teacher_steps}", f"schedule.steps={teacher_steps}",
                     f"schedule.warmup_steps={max(1, teacher_steps // 20)}", f"schedule.eval_every={teacher_steps}",
                     f"schedule.checkpoint_every={teacher_steps}", f"schedule.log_every={max(1, min(100, teacher_steps // 5))}",
-                    f"storage.path={runs}", f"data.train={train}", f"data.val={val}", "telemetry.wandb_mode=disabled",
+                    f"storage.path={runs}", f"data.train={teacher_train}", f"data.val={val}", "telemetry.wandb_mode=disabled",
                     "telemetry.progress=false", tel]
     tspec = load_job(jobs_dir / "teacher.yaml", teacher_over)
     with attempt(tspec):
@@ -268,7 +296,7 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     teacher_stage = list(tres.stages)[-1]
     teacher_top1 = _top1(tres.stages[teacher_stage])
     teacher_weights = f"{runs}/{tspec.name}/{teacher_stage}/model.safetensors"
-    cells = plan_cells(jobs_dir, methods, seeds, budgets, runs, teacher_weights, train, val, prefix)
+    cells = plan_cells(jobs_dir, methods, seeds, budgets, runs, teacher_weights, train, val, prefix, student)
     for i, cell in enumerate(cells):
         if on_run:
             on_run(cell, i, len(cells))
@@ -286,16 +314,19 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     result = FidelityResult(teacher_top1, teacher_steps, cells, time.perf_counter() - t0)
     result.table = markdown_table(cells, teacher_top1, teacher_steps)
     t_wall = float(tres.stages[teacher_stage].get("wall_s", float("nan")))
-    header = (f"Student top-1 on {val} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}); teacher "
+    header = (f"Student top-1 on {val} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}), students trained on "
+              f"{train}{f' as {student}' if student else ''}; teacher (on {teacher_train}) "
               f"{teacher_steps} steps ({t_wall:.0f} s when it was trained{', reused here' if teacher_stage in tres.skipped else ''}); "
               f"wall time of this call {result.wall_s:.0f} s on {os.cpu_count()} CPUs.\n\n")
     family = agreement_table(cells)
     (out / "table.md").write_text(header + result.table + "\n" + (
         "\n\nThe function-matching family (mean ± std over seeds):\n\n" + family + "\n" if family.count("\n") > 1 else ""))
     write_csv(cells, out / "runs.csv")
-    plot(cells, teacher_top1, out / "fidelity.png")
+    regime = ", ".join(x for x in (f"students on {train_split}" if train_split != "train" else "", student or "") if x)
+    plot(cells, teacher_top1, out / "fidelity.png", regime)
     return result
 
 
 __all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "agreement_table",
-           "loss_terms", "markdown_table", "plan_cells", "run_fidelity", "run_prefix", "summarize"]
+           "loss_terms", "markdown_table", "plan_cells", "run_fidelity", "run_prefix", "split_url", "student_overrides",
+           "summarize"]
