@@ -227,13 +227,17 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path, regime: str = "") -
     import matplotlib.pyplot as plt
 
     s = summarize(cells)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=110)
     order = [SCRATCH, *METHODS]
-    for method in sorted({c.method for c in cells}, key=order.index):
+    # 12 methods: the default cycle of 10 colours would give two pairs one colour; tab20's dark shades, then its light
+    tab20 = plt.get_cmap("tab20").colors
+    palette = [tab20[j] for j in (*range(0, 20, 2), *range(1, 20, 2))]
+    for i, method in enumerate(sorted({c.method for c in cells}, key=order.index)):
         pts = sorted((b, *s[(m, b)][:2]) for (m, b) in s if m == method)
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label="scratch" if method == SCRATCH else method,
-                    linewidth=2.5 if method == SCRATCH else 1.2, color="black" if method == SCRATCH else None)
+                    linewidth=2.5 if method == SCRATCH else 1.2,
+                    color="black" if method == SCRATCH else palette[(i - 1) % len(palette)])
     if not math.isnan(teacher_top1):
         ax.axhline(teacher_top1, linestyle="--", color="grey", label="teacher")
     budgets = sorted({c.budget for c in cells})
@@ -246,7 +250,7 @@ def plot(cells: list[Cell], teacher_top1: float, path: Path, regime: str = "") -
     ax.set_ylabel("top-1 (mean ± std over seeds)")
     ax.set_title(f"Distilled vs from-scratch student{f' ({regime})' if regime else ''}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a line
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
