@@ -65,6 +65,22 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
     assert [x["reused"] for x in again] == ["1"] * len(rows)
     assert [x["top1"] for x in again] == [x["top1"] for x in rows]
 
+    # a changed recipe never reuses the old recipe's runs: one line naming the run and the field, nothing trained
+    import shutil
+
+    import yaml
+
+    jobs = tmp_path / "jobs" / "fashion_mnist"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "jobs", tmp_path / "jobs")
+    kd = yaml.safe_load((jobs / "kd.yaml").read_text())
+    kd["method"]["temperature"] = 7.0
+    (jobs / "kd.yaml").write_text(yaml.safe_dump(kd))
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    r = bench(tmp_path, *args, "--jobs-dir", str(jobs))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "fmnist-kd-b3-s0" in r.stderr and "method.temperature" in r.stderr and "another --out" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before
+
     # the limited-data regime: students (here cnn_s, DML's peer too) on train500; the teacher is the one above
     r = bench(tmp_path, "--methods", "dml", "--seeds", "0", "--budgets", "3", "--teacher-steps", "3",
               "--train-split", "train500", "--student", "cnn_s")

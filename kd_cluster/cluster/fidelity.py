@@ -131,6 +131,40 @@ def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: li
     return cells
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def stale_fields(spec: Any) -> list[str]:
+    """The dotted fields in which an existing run folder's recorded spec (its ``job.json``) differs from ``spec``;
+    empty when the run does not exist yet or was started with this very spec. A run folder is reused only when
+    this is empty: a changed recipe must never be reported with the results of the old one."""
+    from kd_cluster.cluster.driver import RESOLVED_SPEC, run_root
+    from kd_cluster.storage import Store
+
+    store = Store(run_root(spec), spec.storage.endpoint_url)
+    if not store.exists(RESOLVED_SPEC):
+        return []
+    old, new = _flat(store.read_json(RESOLVED_SPEC).get("spec", {})), _flat(spec.model_dump(mode="json"))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _check_fresh(spec: Any) -> None:
+    diff = stale_fields(spec)
+    if diff:
+        from kd_cluster.cluster.driver import run_root
+
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise FidelityError(f"{run_root(spec)}: this run was made with other settings ({shown} differ from its job "
+                            "file and overrides now); reusing it would report the old recipe as the new one. Use "
+                            "another --out, or move that run folder away")
+
+
 def _top1(stage: dict[str, Any]) -> float:
     return float(stage.get("final_metrics", {}).get("eval/student_top1", float("nan")))
 
@@ -295,16 +329,18 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
                     f"storage.path={runs}", f"data.train={teacher_train}", f"data.val={val}", "telemetry.wandb_mode=disabled",
                     "telemetry.progress=false", tel]
     tspec = load_job(jobs_dir / "teacher.yaml", teacher_over)
-    with attempt(tspec):
-        tres = run_job(tspec, str(jobs_dir / "teacher.yaml"), use_ray=False)
-    teacher_stage = list(tres.stages)[-1]
-    teacher_top1 = _top1(tres.stages[teacher_stage])
+    teacher_stage = tspec.stages[-1].name if tspec.stages else "main"  # the stage whose artifact students load
     teacher_weights = f"{runs}/{tspec.name}/{teacher_stage}/model.safetensors"
     cells = plan_cells(jobs_dir, methods, seeds, budgets, runs, teacher_weights, train, val, prefix, student)
-    for i, cell in enumerate(cells):
+    specs = [load_job(c.job, c.overrides) for c in cells]
+    for spec in (tspec, *specs):  # before anything trains: a stale run stops the benchmark at once
+        _check_fresh(spec)
+    with attempt(tspec):
+        tres = run_job(tspec, str(jobs_dir / "teacher.yaml"), use_ray=False)
+    teacher_top1 = _top1(tres.stages[teacher_stage])
+    for i, (cell, spec) in enumerate(zip(cells, specs)):
         if on_run:
             on_run(cell, i, len(cells))
-        spec = load_job(cell.job, cell.overrides)
         t1 = time.perf_counter()
         with attempt(spec):
             res = run_job(spec, cell.job, use_ray=False)
@@ -332,5 +368,5 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
 
 
 __all__ = ["FULL", "LONG_METHODS", "METHODS", "QUICK", "Cell", "FidelityError", "FidelityResult", "agreement_table",
-           "loss_terms", "markdown_table", "plan_cells", "run_fidelity", "run_prefix", "split_url", "student_overrides",
-           "summarize"]
+           "loss_terms", "markdown_table", "plan_cells", "run_fidelity", "run_prefix", "split_url", "stale_fields",
+           "student_overrides", "summarize"]
