@@ -99,24 +99,50 @@ def stop_head(temp_dir: str) -> None:
             return
 
 
+def start_head(env: dict[str, str], attempts: int = 2) -> tuple[str, int]:
+    """Start a Ray head on free ports in its own temp dir; return (temp dir, dashboard port).
+
+    Ray gives the raylet a fixed 30 s to register with the GCS (``ray/_private/node.py``), which a busy 2-core
+    machine can miss now and then ("The current node timed out during startup"). A failed start is cleaned up
+    (only its own processes) and tried once more on fresh ports; the error shows every attempt's output and the
+    tail of its raylet log."""
+    errors = []
+    for _ in range(attempts):
+        temp_dir = tempfile.mkdtemp(prefix="kdcray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        gcs, dash, agent, agent_grpc, client_port, rt_env, metrics, nm, om = free_ports(9)
+        cmd = [f"{VENV_BIN}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+               "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+               "--dashboard-agent-grpc-port", str(agent_grpc), "--ray-client-server-port", str(client_port),
+               "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
+               "--node-manager-port", str(nm), "--object-manager-port", str(om), "--temp-dir", temp_dir,
+               "--disable-usage-stats"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+            out = r.stdout + r.stderr
+            ok = r.returncode == 0
+        except subprocess.TimeoutExpired as exc:
+            out, ok = f"ray start: no answer in {exc.timeout} s", False
+        if ok:
+            return temp_dir, dash
+        raylet = sorted(Path(temp_dir).glob("session_*/logs/raylet.out"))
+        tail = "".join(raylet[-1].read_text(errors="replace").splitlines(True)[-15:]) if raylet else "(no raylet log)"
+        errors.append(f"{out[-3000:]}\nraylet.out, last lines:\n{tail}")
+        stop_head(temp_dir)
+        left = head_pids(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of a failed Ray head start still alive: {sorted(left)}"
+    raise AssertionError(f"ray start --head failed {attempts} times:\n" + "\n---\n".join(errors))
+
+
 @pytest.fixture
 def ray_head(builtin_cache: Path) -> Iterator[str]:
     """A Ray head on 127.0.0.1 with the dashboard (Jobs API), on free ports, in its own temp dir; yields its URL."""
-    temp_dir = tempfile.mkdtemp(prefix="kdcray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash, agent, agent_grpc, client_port, rt_env, metrics, nm, om = free_ports(9)
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
            "WANDB_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [f"{VENV_BIN}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
-           "--dashboard-agent-grpc-port", str(agent_grpc), "--ray-client-server-port", str(client_port),
-           "--runtime-env-agent-port", str(rt_env), "--metrics-export-port", str(metrics),
-           "--node-manager-port", str(nm), "--object-manager-port", str(om), "--temp-dir", temp_dir,
-           "--disable-usage-stats"]
+    temp_dir, dash = start_head(env)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
         url = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 60
         while True:  # the Jobs API answers once the dashboard's job module is up
