@@ -99,6 +99,15 @@ def stop_head(temp_dir: str) -> None:
             return
 
 
+def remove_head(temp_dir: str) -> None:
+    """Stop this head's processes and delete its temp dir (its logs hold the runtime_env: see README, credentials);
+    fail if any of its processes outlived the stop."""
+    stop_head(temp_dir)
+    left = head_pids(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"processes of the test's Ray head still alive: {sorted(left)}"
+
+
 def start_head(env: dict[str, str], attempts: int = 2) -> tuple[str, int]:
     """Start a Ray head on free ports in its own temp dir; return (temp dir, dashboard port).
 
@@ -128,10 +137,7 @@ def start_head(env: dict[str, str], attempts: int = 2) -> tuple[str, int]:
         raylet = sorted(Path(temp_dir).glob("session_*/logs/raylet.out"))
         tail = "".join(raylet[-1].read_text(errors="replace").splitlines(True)[-15:]) if raylet else "(no raylet log)"
         errors.append(f"{out[-3000:]}\nraylet.out, last lines:\n{tail}")
-        stop_head(temp_dir)
-        left = head_pids(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not left, f"processes of a failed Ray head start still alive: {sorted(left)}"
+        remove_head(temp_dir)
     raise AssertionError(f"ray start --head failed {attempts} times:\n" + "\n---\n".join(errors))
 
 
@@ -154,10 +160,7 @@ def ray_head(builtin_cache: Path) -> Iterator[str]:
                 time.sleep(1)
         yield url
     finally:
-        stop_head(temp_dir)
-        left = head_pids(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)  # its logs hold the runtime_env (see README: credentials)
-        assert not left, f"processes of the test's Ray head still alive: {sorted(left)}"
+        remove_head(temp_dir)
 
 
 def follow(sid: str, url: str, stall_s: float = 420) -> subprocess.CompletedProcess:

@@ -83,11 +83,14 @@ def run_prefix(dataset: str, eval_split: str, train_split: str = "train", studen
     (it always trains on ``train``), so the limited-data regime reuses the full regime's teacher."""
     import re
 
-    name = "fmnist" if dataset == "fashion-mnist" else re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset.rstrip("/"))[-16:].strip("-.") or "data"
+    def safe(text: str) -> str:  # a run name holds letters, digits and _.- only
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+    name = "fmnist" if dataset == "fashion-mnist" else safe(dataset.rstrip("/"))[-16:].strip("-.") or "data"
     name = name if eval_split == "test" else f"{name}-{eval_split}"
     if train_split != "train":
-        name += f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', train_split)}"
-    return f"{name}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', student)}" if student else name
+        name += f"-{safe(train_split)}"
+    return f"{name}-{safe(student)}" if student else name
 
 
 def student_overrides(method: str, student: str | None) -> list[str]:
