@@ -93,6 +93,27 @@ def ray_cluster(builtin_cache: Path, s3: S3Server) -> Iterator[str]:
         ray.shutdown()
 
 
+def _ray_train_worker_pids() -> list[int]:
+    """Ray Train worker processes of this session's cluster (their environment has this session's cache)."""
+    mark = f"KD_CLUSTER_CACHE={os.environ['KD_CLUSTER_CACHE']}".encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+                if cmd.startswith("ray::RayTrainWorker") and mark in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_train_worker_pids() -> Any:
+    """A function listing the pids of the session cluster's Ray Train worker processes (Linux /proc)."""
+    return _ray_train_worker_pids
+
+
 # A line that Ray's log monitor forwards to a driver's stderr: "(raylet) ..." or "(Actor pid=12, ip=...) ...",
 # coloured or not. The test session is itself a Ray driver, so these can land in any in-process capture.
 _RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|[^)]*\bpid=\d+[^)]*)\)")

@@ -125,7 +125,8 @@ def test_ray_dml_peers_train_checkpoint_and_resume(ray_cluster: str, tiny_job, t
     assert not _same_tensors(load_file(root / "main" / "method.safetensors"), peers)  # the peer trained on
 
 
-def test_ray_dml_killed_midway_resumes_with_its_peer(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
+def test_ray_dml_killed_midway_resumes_with_its_peer(ray_cluster: str, tiny_job, tmp_path: Path,
+                                                     ray_train_worker_pids) -> None:
     """SIGKILL the driver after its first checkpoint; the same command resumes student and peer, no step
     repeated or lost, and the peer's loss goes on from where it was rather than from a fresh network's."""
     import os
@@ -152,6 +153,13 @@ def test_ray_dml_killed_midway_resumes_with_its_peer(ray_cluster: str, tiny_job,
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # The driver is gone, but its Ray Train workers outlive it for a moment: Ray stops them with SIGTERM, and
+    # they write a preemption checkpoint at their next check step (a newer resume point, as it should be).
+    # Only when they have exited is the last committed checkpoint final.
+    gone = time.time() + 120
+    while ray_train_worker_pids() and time.time() < gone:
+        time.sleep(0.2)
+    assert not ray_train_worker_pids(), "the killed driver's Ray Train workers still run after 120 s"
     assert not (stage / "stage.json").exists(), "the run finished before it could be stopped"
     # the last committed checkpoint: the resume point. (Not the metrics file's last step: a checkpoint can be
     # committed a moment before the same step's metrics reach the disk, and the kill can fall in between.)

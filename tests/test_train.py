@@ -326,23 +326,9 @@ def test_ray_worker_failure_is_one_clear_error(ray_cluster: str, tiny_job, tmp_p
         run_job(load_job(job), str(job), use_ray=True, address=ray_cluster)
 
 
-def _ray_train_worker_pids() -> list[int]:
-    """Ray Train worker processes of this session's cluster (their environment has this session's cache)."""
-    mark = f"KD_CLUSTER_CACHE={os.environ['KD_CLUSTER_CACHE']}".encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
-                if cmd.startswith("ray::RayTrainWorker") and mark in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-    return pids
-
-
 @pytest.mark.slow
-def test_ray_worker_sigterm_checkpoints_and_restarts(ray_cluster: str, tiny_job, tmp_path: Path) -> None:
+def test_ray_worker_sigterm_checkpoints_and_restarts(ray_cluster: str, tiny_job, tmp_path: Path,
+                                                      ray_train_worker_pids) -> None:
     """SIGTERM to the Ray Train workers (a spot reclaim): they checkpoint at the step they reached, Ray Train
     restarts them (fault_tolerance.max_failures) and the run resumes from that checkpoint and completes."""
     import threading
@@ -354,14 +340,14 @@ def test_ray_worker_sigterm_checkpoints_and_restarts(ray_cluster: str, tiny_job,
                    schedule={"steps": 80, "log_every": 1, "eval_every": 80, "checkpoint_every": 1000},
                    fault_tolerance={"max_failures": 1, "check_every": 1})
     metrics = tmp_path / "tel" / "metrics" / "rayterm" / "main.jsonl"
-    before = set(_ray_train_worker_pids())
+    before = set(ray_train_worker_pids())
     sent: list[int] = []
 
     def preempt() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
             if metrics.exists() and any(json.loads(x)["step"] >= 10 for x in metrics.read_text().splitlines()):
-                for pid in set(_ray_train_worker_pids()) - before:
+                for pid in set(ray_train_worker_pids()) - before:
                     os.kill(pid, signal.SIGTERM)
                     sent.append(pid)
                 return
