@@ -143,21 +143,22 @@ def test_few_labels_recipes_differ_only_where_they_say() -> None:
     stage its label CE at full weight: every other job resolves to exactly its all-labels spec (so their runs are
     shared), and those three differ in those loss weights alone."""
     from kd_cluster.config import load_job
-    from kd_cluster.config.loader import stage_spec
+    from kd_cluster.config.loader import stage_spec, stages_of
 
     root = Path(__file__).resolve().parent.parent / "jobs"
     few, full = root / "fashion_mnist_few", root / "fashion_mnist"
     assert {p.name for p in few.glob("*.yaml")} == {p.name for p in full.glob("*.yaml")}
-    changed = {}
+    changed: dict[str, dict] = {}
     for path in sorted(few.glob("*.yaml")):
         a, b = load_job(path), load_job(full / path.name)
-        assert [s.name for s in a.stages] == [s.name for s in b.stages], path.name
-        for sa, sb in zip(a.stages or [None], b.stages or [None]):
-            da = (stage_spec(a, sa) if sa else a).model_dump(mode="json", exclude={"stages"})
-            db = (stage_spec(b, sb) if sb else b).model_dump(mode="json", exclude={"stages"})
+        assert [s.name for s in stages_of(a)] == [s.name for s in stages_of(b)], path.name
+        for sa, sb in zip(stages_of(a), stages_of(b)):
+            da = stage_spec(a, sa).model_dump(mode="json", exclude={"stages"})
+            db = stage_spec(b, sb).model_dump(mode="json", exclude={"stages"})
             if da != db:
                 assert {k for k in da if da[k] != db[k]} == {"method"}, path.name
-                changed[path.stem] = {k: v for k, v in da["method"].items() if db["method"].get(k) != v}
+                changed.setdefault(path.stem, {}).update(
+                    {k: v for k, v in da["method"].items() if db["method"].get(k) != v})
     kd = load_job(full / "kd.yaml").method
     same_kd = {"ce_weight": 1 - kd.alpha, "kd_weight": kd.alpha, "temperature": kd.temperature}
     assert changed == {"at": same_kd, "crd": same_kd, "sskd": {"ce_weight": 1.0}}
