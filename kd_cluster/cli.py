@@ -309,7 +309,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_shards_build(a: argparse.Namespace) -> int:
     from kd_cluster.data import Reencode, build_idx, build_imagefolder, build_mnist5k, build_torchvision
-    from kd_cluster.storage import absolute, storage_options
+    from kd_cluster.storage import storage_options
+    from kd_cluster.urls import absolute
 
     out = absolute(a.out)
     opts = storage_options(out, a.endpoint_url)
@@ -351,7 +352,7 @@ def cmd_shards_build(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(a: argparse.Namespace) -> int:
-    from kd_cluster.data.bench import run
+    from kd_cluster.bench.data import run
 
     kwargs = {k: v for k, v in (("n_images", a.images), ("workers", a.workers), ("size", a.size),
                                 ("rounds", a.rounds)) if v}
@@ -373,7 +374,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
-    from kd_cluster.cluster.fidelity import FULL, METHODS, QUICK, FidelityError, run_fidelity
+    from kd_cluster.bench.fidelity import FULL, METHODS, QUICK, FidelityError, run_fidelity
 
     preset = QUICK if a.quick else FULL
     seeds = _int_list(a.seeds, "--seeds") if a.seeds else list(preset["seeds"])
@@ -403,7 +404,7 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_checkpoint(a: argparse.Namespace) -> int:
-    from kd_cluster.train.bench_checkpoint import format_report, run
+    from kd_cluster.bench.checkpoint import format_report, run
 
     res = run(a.arch, a.optimizer, image_size=a.size, batch_size=a.batch, repeats=a.repeats, storage=a.storage,
               endpoint_url=a.endpoint_url, block_size=a.block_size)
@@ -414,10 +415,8 @@ def cmd_bench_checkpoint(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_teacher(a: argparse.Namespace) -> int:
-    import os
-
+    from kd_cluster.bench import teacher as bench
     from kd_cluster.config import load_job
-    from kd_cluster.teacher import bench
     from kd_cluster.train import plan_job
 
     spec = load_job(a.job, profile=a.profile) if a.profile else load_job(a.job)
@@ -426,51 +425,15 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     if not plans:
         raise SystemExit(f"{a.job}: no stage of this job uses a teacher; nothing to benchmark")
     p = plans[0]
+    if a.compile and not a.no_ray:
+        raise UsageError("--compile measures uncompiled against compiled models in one process: add --no-ray")
     if p.teacher.is_ensemble:
         print(f"[{p.stage}] an ensemble teacher: measuring its first member, {p.teacher.members[0].name!r}")
-    workers = p.spec.resources.num_workers
-    b = bench.BenchSetup(student=p.arch, teacher=p.teacher.members[0].arch,
-                         batch=a.batch or max(1, p.spec.data.batch_size // workers),
-                         image_size=p.spec.data.image_size, channels=p.channels or 3,
-                         num_classes=p.num_classes or 1000, steps=a.steps, threads=1,
-                         amp=p.spec.resources.amp, channels_last=p.spec.resources.channels_last,
-                         compile=p.spec.resources.compile)
-    if a.compile and not a.no_ray:
-        err.print("error: --compile measures uncompiled against compiled models in one process: add --no-ray")
-        return EXIT_USER_ERROR
-    load0 = os.getloadavg()
+    b = bench.setup_for(p, batch=a.batch, steps=a.steps)
     print(f"[{p.stage}] student {b.student}, teacher {b.teacher}, batch {b.batch} per worker, "
           f"{b.image_size} px, {a.steps} timed steps, 1 torch thread per process")
-    import statistics
-
-    rounds: dict = {}
-    extra: dict = {}
-    if a.no_ray:  # one process: student alone, teacher alone, and both on its one device, round by round
-        import dataclasses
-
-        variants = (False, True) if a.compile else (b.compile,)
-        by = {v: {"student step alone": [], "teacher forward alone": [], "colocated": []} for v in variants}
-        for _ in range(a.rounds):
-            for v in variants:
-                bv = dataclasses.replace(b, compile=v)
-                by[v]["student step alone"].append(bench.student_rate(bv))
-                by[v]["teacher forward alone"].append(bench.teacher_rate(bv))
-                by[v]["colocated"].append(bench.colocated_rate(bv))
-        first = by[variants[0]]
-        s_rates, t_rates = first["student step alone"], first["teacher forward alone"]
-        rounds = {"colocated (1 worker, teacher on its device)": first["colocated"]}
-        if a.compile:
-            extra["compile"] = bench.summarize_compile(by[False], by[True])
-    else:  # every figure measured on the cluster, round by round
-        from kd_cluster.cluster import ensure_ray
-        from kd_cluster.cluster.teacher_pool import bench_teacher_ray
-
-        ensure_ray(a.address, a.cores)
-        extra = bench_teacher_ray(b, cores=a.cores, replicas=a.replicas, prefetches=tuple(a.prefetch), rounds=a.rounds)
-        rounds = extra.pop("rounds")
-        s_rates, t_rates = extra.pop("student_rates"), extra.pop("teacher_rates")
-    res = bench.summarize(rounds, statistics.median(s_rates), statistics.median(t_rates)) | extra
-    res["load"] = f"{'/'.join(f'{x:.1f}' for x in load0)} -> {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
+    res = bench.measure(b, rounds=a.rounds, use_ray=not a.no_ray, compare_compile=a.compile, address=a.address,
+                        cores=a.cores, replicas=a.replicas, prefetches=tuple(a.prefetch))
     print(bench.format_table(res))
     if a.json:
         print(json.dumps(res))
@@ -479,43 +442,9 @@ def cmd_bench_teacher(a: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_rates(a: argparse.Namespace, p: Any) -> tuple[dict[str, float | None], list[str]]:
-    """Student, teacher and colocated rates: given (--rates), from a `bench teacher --save` file, or measured here."""
-    notes = []
-    if a.rates:
-        try:
-            vals = [float(v) for v in a.rates.split(",")]
-        except ValueError:
-            vals = []
-        if len(vals) not in (2, 3):
-            raise ValueError(f"--rates {a.rates!r}: give S,T or S,T,C (images/s per GPU: student step, teacher "
-                             "forward, both colocated)")
-        return {"student": vals[0], "teacher": vals[1], "colocated": vals[2] if len(vals) == 3 else None}, notes
-    if a.bench:
-        try:
-            res = json.loads(Path(a.bench).read_text())
-            colocated = next((v for k, v in res.get("medians", {}).items() if k.startswith("colocated")), None)
-            return {"student": float(res["student_rate"]), "teacher": float(res["teacher_rate"]),
-                    "colocated": colocated}, notes
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"--bench {a.bench}: not a `kd-cluster bench teacher --save` result ({exc})") from None
-    from kd_cluster.teacher import bench
-
-    b = bench.BenchSetup(student=p.arch, teacher=p.teacher.members[0].arch,
-                         batch=max(1, p.spec.data.batch_size // p.spec.resources.num_workers),
-                         image_size=p.spec.data.image_size, channels=p.channels or 3, num_classes=p.num_classes or 1000,
-                         steps=a.measure_steps, warmup=3, amp=p.spec.resources.amp,
-                         channels_last=p.spec.resources.channels_last, compile=p.spec.resources.compile)
-    dev = "cuda" if bench.torch.cuda.is_available() else "cpu"
-    notes.append(f"rates measured here on the {dev} ({a.measure_steps} steps each; `bench teacher --save` on the "
-                 "GPU machine gives steadier ones)")
-    return {"student": bench.student_rate(b), "teacher": bench.teacher_rate(b), "colocated": bench.colocated_rate(b)}, notes
-
-
 def cmd_plan(a: argparse.Namespace) -> int:
+    from kd_cluster.bench import planner
     from kd_cluster.config import load_job
-    from kd_cluster.data import load_manifest
-    from kd_cluster.teacher import planner
     from kd_cluster.train import plan_job
 
     spec = load_job(a.job, a.overrides, a.profile)
@@ -524,32 +453,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
         err.print(f"error: {a.job}: no stage of this job uses a teacher; every GPU runs a training worker")
         return EXIT_USER_ERROR
     p = plans[-1]  # the distillation stage
-    decode = p.spec.data.decode
     try:
-        rates, notes = _plan_rates(a, p)
-        per_core = planner.DEFAULT_DECODE_PER_CORE[decode]
-        if a.data_bench:
-            key = "trainstream_img_per_cpu_s" if decode == "cpu" else "gpu_loader_img_per_cpu_s"
-            try:
-                per_core = float(json.loads(Path(a.data_bench).read_text())[key])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"--data-bench {a.data_bench}: not a `kd-cluster bench data --save` result with "
-                                 f"{key!r} ({exc})") from None
-        else:
-            notes.append(f"loader rate per core: this project's `bench data` figure for {decode} decode (give "
-                         "--data-bench with your own)")
-        r = planner.Rates(**rates, gpu_decode=a.gpu_decode_rate, decode_per_core=per_core)
-        samples = a.samples
-        if samples is None:
-            try:
-                samples = load_manifest(p.train_manifest).num_samples
-            except Exception:  # noqa: BLE001 - a remote manifest we may not reach from here: epoch time unknown
-                samples = None
-        result = planner.plan(r, a.gpus, decode=decode, cpus=a.cpus, samples=samples)
+        result = planner.plan_stage(p, a.gpus, rates=a.rates, bench_file=a.bench, data_bench=a.data_bench,
+                                    gpu_decode=a.gpu_decode_rate, cpus=a.cpus, samples=a.samples,
+                                    measure_steps=a.measure_steps)
     except ValueError as exc:
         err.print(f"error: {exc}")
         return EXIT_USER_ERROR
-    result.notes = notes + result.notes
     print(f"[{p.stage}] student {p.arch}, teacher {p.teacher_arch}, {p.spec.data.image_size} px, "
           f"batch {p.spec.data.batch_size}")
     print(planner.format_plan(result))

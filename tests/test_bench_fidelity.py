@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kd_cluster.cluster.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix, split_url
+from kd_cluster.bench.fidelity import FULL, LONG_METHODS, METHODS, plan_cells, run_prefix, split_url
 from test_fashion_mnist import write_idx_set
 
 

@@ -233,3 +233,53 @@ def test_object_storage_without_credentials_is_a_one_line_error(tmp_path: Path, 
     assert main(["status", "x", "--storage", "s3://kdc-nocreds/runs"]) == 1
     err = own_output(capsys.readouterr().err)
     assert err.startswith("error: object storage: Unable to locate credentials") and len(err.strip().splitlines()) == 1
+
+
+def test_one_merge_rule_for_methods_and_stages() -> None:
+    """The rule every source of settings goes through: mappings merge, a method naming another method replaces,
+    one naming the same (or none) merges, a mapping over the stages list changes the stages it names."""
+    from kd_cluster.config import merge
+
+    base = {"method": {"name": "kd", "alpha": 0.5, "temperature": 2.0}, "data": {"batch_size": 8, "train": "x"},
+            "stages": [{"name": "a", "set": {"schedule": {"steps": 3}}}, {"name": "b"}]}
+    assert merge(base, {"method": {"alpha": 0.1}})["method"] == {"name": "kd", "alpha": 0.1, "temperature": 2.0}
+    assert merge(base, {"method": {"name": "kd", "alpha": 0.1}})["method"]["temperature"] == 2.0
+    assert merge(base, {"method": {"name": "funmatch"}})["method"] == {"name": "funmatch"}
+    assert merge(base, {"data": {"batch_size": 4}})["data"] == {"batch_size": 4, "train": "x"}
+    staged = merge(base, {"stages": {"a": {"set": {"schedule": {"warmup_steps": 1}}}}})["stages"]
+    assert staged == [{"name": "a", "set": {"schedule": {"steps": 3, "warmup_steps": 1}}}, {"name": "b"}]
+    assert merge(base, {"stages": [{"name": "c"}]})["stages"] == [{"name": "c"}]  # a list replaces
+    with pytest.raises(SpecError, match="stages.z: no entry named 'z'; entries: a, b"):
+        merge(base, {"stages": {"z": {}}})
+    assert base["method"]["alpha"] == 0.5 and base["stages"][0]["set"] == {"schedule": {"steps": 3}}  # untouched
+
+
+def test_a_method_override_reaches_stages_of_the_same_method() -> None:
+    """The override the few-labels SSKD probe lost: `method.ce_weight` on the command line, with stages that restate
+    `method: {name: sskd, ...}`, now trains the student stage with it; a key a stage sets itself keeps the stage's
+    value, and the stage-addressed override changes it."""
+    job = ROOT / "jobs" / "fashion_mnist" / "sskd.yaml"
+    spec = load_job(job, ["method.ce_weight=1.0", "schedule.steps=40", "stages.head.set.schedule.steps=7"])
+    head, student = (stage_spec(spec, s) for s in spec.stages)
+    assert student.method.params() == {"init": "stage:head", "ce_weight": 1.0}
+    assert head.method.params() == {"phase": "head", "ce_weight": 1.0}
+    assert (head.schedule.steps, student.schedule.steps) == (7, 40)
+
+
+def test_extends_can_change_one_stage_by_name(tmp_path: Path) -> None:
+    base = _write(tmp_path, {**GOOD, "stages": [{"name": "teacher", "trains": "teacher"}, {"name": "main"}],
+                             "teacher": {"arch": "cnn_s", "weights": "stage:teacher"}}, "base.yaml")
+    child = _write(tmp_path, {"extends": base.name, "stages": {"main": {"set": {"schedule": {"steps": 9}}}}})
+    spec = load_job(child)
+    assert [s.name for s in spec.stages] == ["teacher", "main"]
+    assert stage_spec(spec, spec.stages[1]).schedule.steps == 9 and stage_spec(spec, spec.stages[0]).schedule.steps == 2
+
+
+def test_with_settings_merges_and_validates_again(tmp_path: Path) -> None:
+    from kd_cluster.config import with_settings
+
+    spec = load_job(_write(tmp_path, GOOD))
+    changed = with_settings(spec, {"resources": {"num_workers": 1}, "data": {"batch_size": 4}})
+    assert (changed.data.batch_size, changed.data.train, spec.data.batch_size) == (4, spec.data.train, 8)
+    with pytest.raises(Exception, match="batch_size"):
+        with_settings(spec, {"data": {"batch_size": 0}})

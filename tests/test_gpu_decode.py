@@ -14,7 +14,7 @@ from PIL import Image
 import kd_cluster.data.augment as augment_mod
 from kd_cluster.config import SpecError, load_job
 from kd_cluster.data import AugmentParams, Manifest, TrainStream, ViewParams, write_split
-from kd_cluster.data.bench import _photo_like_jpeg
+from kd_cluster.bench.data import photo_like_jpeg
 from kd_cluster.data.gpu_decode import EncodedViews, GpuDecoder, pil_window_decode, render_views_torch
 from kd_cluster.train import check_here, plan_job
 
@@ -35,7 +35,7 @@ def mixed_split(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     for i in range(24):
         kind = i % 6
         w, h = int(rng.integers(90, 160)), int(rng.integers(70, 130))
-        colour = Image.open(io.BytesIO(_photo_like_jpeg(rng, w, h)))
+        colour = Image.open(io.BytesIO(photo_like_jpeg(rng, w, h)))
         data, ext = {3: (_encoded(colour.convert("L"), "JPEG"), "jpg"), 4: (_encoded(colour, "PNG"), "png"),
                      5: (_encoded(colour.convert("CMYK"), "JPEG"), "jpg")}.get(kind, (_encoded(colour, "JPEG"), "jpg"))
         samples.append((data, ext, i % 2))
@@ -105,7 +105,7 @@ def test_the_device_step_renders_like_the_cpu_path(mixed_split: Manifest) -> Non
 
 def test_render_views_torch_matches_pil_box_resizes() -> None:
     rng = np.random.default_rng(1)
-    img = Image.open(io.BytesIO(_photo_like_jpeg(rng, 200, 150))).convert("RGB")
+    img = Image.open(io.BytesIO(photo_like_jpeg(rng, 200, 150))).convert("RGB")
     boxes = [(10.0, 20.0, 190.0, 140.0), (50.0, 30.0, 80.0, 60.0), (0.0, 0.0, 200.0, 150.0)]  # shrink, enlarge, all
     window = (0, 0, 200, 150)
     out = render_views_torch([torch.from_numpy(np.asarray(img).copy())], [window],
@@ -120,7 +120,7 @@ def test_render_views_torch_matches_pil_box_resizes() -> None:
 
 def test_refused_images_fall_back_to_the_cpu_and_undecodable_ones_are_dropped() -> None:
     rng = np.random.default_rng(2)
-    good = _photo_like_jpeg(rng, 64, 48)
+    good = photo_like_jpeg(rng, 64, 48)
     aug = AugmentParams(image_size=16)
     vs = [ViewParams((4.0, 4.0, 40.0, 40.0), True)]
     ev = EncodedViews.build([0, 1, 2], [good, good, b"\xff\xd8 not really a jpeg"], [vs, vs, vs], 1)
@@ -159,7 +159,7 @@ def test_views_replayed_from_stored_labels_travel_as_given() -> None:
     from kd_cluster.data.gpu_decode import GpuBatchBuilder
 
     rng = np.random.default_rng(3)
-    colour, gray = _photo_like_jpeg(rng, 80, 60), _encoded(Image.new("L", (80, 60), 90), "JPEG")
+    colour, gray = photo_like_jpeg(rng, 80, 60), _encoded(Image.new("L", (80, 60), 90), "JPEG")
     replayed = [ViewParams((3.0, 5.0, 50.0, 41.0), True)]
     builder = GpuBatchBuilder(("aug",), AugmentParams(image_size=16))
     assert builder.take(0, colour, (0, 0, 0, 0), replayed) and not builder.take(1, gray, (0, 0, 0, 1), replayed)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kd_cluster.teacher.planner import Rates, candidates, plan
+from kd_cluster.bench.planner import Rates, candidates, plan
 
 
 def test_colocated_wins_when_sharing_a_gpu_costs_nothing_extra() -> None:

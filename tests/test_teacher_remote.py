@@ -360,7 +360,7 @@ def test_ray_actor_outputs_equal_in_process_server_exactly(ray_cluster: str, tmp
 
 
 def test_bench_summary_ratios_are_per_round() -> None:
-    from kd_cluster.teacher.bench import format_table, summarize
+    from kd_cluster.bench.teacher import format_table, summarize
 
     rounds = {"colocated: 2 DDP worker(s) x 1 CPU": [100.0, 200.0, 150.0],
               "actors, prefetch 1: 1 worker(s) + 1 teacher(s)": [95.0, 150.0, 150.0]}
@@ -397,8 +397,8 @@ def test_bench_teacher_without_ray_needs_neither_ray_nor_the_data(tiny_job: Any)
 
 @pytest.mark.slow
 def test_bench_teacher_on_ray_runs_every_configuration(ray_cluster: str) -> None:
-    from kd_cluster.cluster.teacher_pool import bench_teacher_ray
-    from kd_cluster.teacher.bench import BenchSetup
+    from kd_cluster.bench.teacher_ray import bench_teacher_ray
+    from kd_cluster.bench.teacher import BenchSetup
 
     b = BenchSetup(student="cnn_xs", teacher="cnn_s", batch=8, image_size=28, channels=1, num_classes=10,
                    steps=3, warmup=1)

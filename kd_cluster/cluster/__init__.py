@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_DRIVER = ("JobResult", "StageFailed", "ensure_ray", "load_resolved_spec", "run_job", "run_root", "save_resolved_spec")
+_DRIVER = ("JobResult", "StageFailed", "load_resolved_spec", "run_job", "run_root", "save_resolved_spec")
 
 
 def __getattr__(name: str) -> Any:
-    """The driver's names, imported on first use."""
+    """The driver's names (and ``ensure_ray``), imported on first use."""
+    if name == "ensure_ray":
+        return importlib.import_module("kd_cluster.cluster.local_ray").ensure_ray
     if name in _DRIVER:
         return getattr(importlib.import_module("kd_cluster.cluster.driver"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

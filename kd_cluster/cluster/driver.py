@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kd_cluster.config import JobSpec
-from kd_cluster.storage import Store, absolute, is_remote, join, storage_options
+from kd_cluster.cluster.local_ray import ensure_ray
+from kd_cluster.config import JobSpec, with_settings
+from kd_cluster.storage import Store, storage_options
+from kd_cluster.urls import absolute, is_remote, join
 from kd_cluster.storage.lease import RunLease
 from kd_cluster.train import LocalSession, StagePlan, check_here, plan_job, run_stage, stage_done
 
@@ -52,23 +54,6 @@ def _storage_for_ray(root: str, endpoint: str | None) -> tuple[str, Any]:
 
     fs, path = fsspec.core.url_to_fs(root, **storage_options(root, endpoint))
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to a cluster (address or RAY_ADDRESS) or start a local one sized for the job."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # An existing cluster's workers use the cluster's own credentials (Kubernetes Secrets, instance roles);
-        # `kd-cluster submit` is the path that forwards the submitter's by name.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        from kd_cluster.cluster.local_ray import start_local_ray
-
-        start_local_ray(num_cpus)
 
 
 def ray_placement(plan: StagePlan) -> Any:
@@ -201,8 +186,7 @@ def run_job(spec: JobSpec, source: str, *, use_ray: bool = True, address: str | 
             if plan.spec.resources.num_workers != 1:
                 print(f"[{plan.stage}] --no-ray runs one process: resources.num_workers "
                       f"{plan.spec.resources.num_workers} -> 1 (global batch unchanged)")
-                plan.spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(
-                    update={"num_workers": 1})})
+                plan.spec = with_settings(plan.spec, {"resources": {"num_workers": 1}})
             run_stage(plan, LocalSession())
         marker = stage_done(plan)
         assert marker is not None, f"stage {plan.stage} finished without its completion marker"

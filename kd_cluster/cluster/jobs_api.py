@@ -27,9 +27,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from kd_cluster.config import JobSpec
+from kd_cluster.config import JobSpec, with_settings
 from kd_cluster.results.store import RunNotFound, find_run, run_progress, spec_for_resume
-from kd_cluster.storage import absolute, is_remote
+from kd_cluster.urls import absolute, is_remote
 
 # Forwarded by name when set in the submitter's environment (values never leave the runtime_env).
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -125,24 +125,21 @@ def _localize(spec: JobSpec, address: str) -> tuple[JobSpec, list[str]]:
     """Relative local paths resolved against this directory for a cluster on this machine; warnings otherwise."""
     notes: list[str] = []
     local = is_loopback(address)
-    upd_storage, upd_tel = {}, {}
+    changes: dict[str, dict[str, str]] = {}
     if not is_remote(spec.storage.path):
         if local:
-            upd_storage["path"] = absolute(spec.storage.path)
+            changes["storage"] = {"path": absolute(spec.storage.path)}
         else:
             notes.append(f"storage.path {spec.storage.path!r} is a folder on the cluster node that runs the driver: "
                          "workers on other nodes, and a resume after the node is lost, need shared storage "
                          "(storage.path=s3://bucket/prefix)")
     if local and not is_remote(spec.telemetry.wandb_dir):
-        upd_tel["wandb_dir"] = absolute(spec.telemetry.wandb_dir)
-    data = spec.data
+        changes["telemetry"] = {"wandb_dir": absolute(spec.telemetry.wandb_dir)}
     for f in ("train", "val"):
-        v = getattr(data, f)
-        if local and v and not is_remote(v) and not v.startswith("builtin://"):
-            data = data.model_copy(update={f: absolute(v)})
-    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update=upd_storage),
-                                   "telemetry": spec.telemetry.model_copy(update=upd_tel), "data": data})
-    return spec, notes
+        v = getattr(spec.data, f)
+        if local and v and not is_remote(v):  # builtin:// sets are remote: built where they are read
+            changes.setdefault("data", {})[f] = absolute(v)
+    return with_settings(spec, changes), notes
 
 
 @dataclass

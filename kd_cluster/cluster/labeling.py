@@ -13,10 +13,11 @@ from typing import Any
 
 import ray
 
-from kd_cluster.config import JobSpec, SpecError
+from kd_cluster.config import JobSpec, SpecError, with_settings
 from kd_cluster.data import LabelConfig, LabelSet, load_manifest
 from kd_cluster.data.soft_labels import finish_labels, start_labels
-from kd_cluster.storage import absolute, join, storage_options
+from kd_cluster.storage import storage_options
+from kd_cluster.urls import absolute, join
 from kd_cluster.teacher.label import LabelJob, Labeller
 
 
@@ -52,13 +53,10 @@ class LabelResult:
 
 def _for_labelling(spec: JobSpec) -> JobSpec:
     """The job with its teacher run in the labeller's process: stored labels are what is being made."""
-    def colocated(t: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in t.items() if k not in ("placement", "labels")}
-
-    stages = [st.model_copy(update={"set": {**st.set, "teacher": colocated(st.set["teacher"])}})
-              if isinstance(st.set.get("teacher"), dict) else st for st in spec.stages]
-    teacher = spec.teacher.model_copy(update={"placement": "colocated", "labels": None}) if spec.teacher else None
-    return spec.model_copy(update={"teacher": teacher, "stages": stages})
+    here = {"placement": "colocated", "labels": None}
+    changes: dict[str, Any] = {"teacher": here} if spec.teacher else {}
+    stages = {st.name: {"set": {"teacher": here}} for st in spec.stages if isinstance(st.set.get("teacher"), dict)}
+    return with_settings(spec, {**changes, "stages": stages} if stages else changes)
 
 
 def label_job(spec: JobSpec, source: str, *, views: int | None = None, top_k: int | None = None,
@@ -163,7 +161,7 @@ def _label_on_ray(job: LabelJob, pending: list[int], plan: Any, address: str | N
                   progress: Callable[[str], None]) -> list[dict[str, float]]:
     from ray.util import ActorPool
 
-    from kd_cluster.cluster.driver import ensure_ray
+    from kd_cluster.cluster.local_ray import ensure_ray
 
     member = plan.teacher.members[0]
     n = max(1, min(workers or member.replicas, len(pending)))

@@ -57,4 +57,19 @@ def start_local_ray(num_cpus: int | None, **init_kwargs: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-__all__ = ["API_SERVER_ENV", "WATCHER_ENV", "start_local_ray"]
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster (address or RAY_ADDRESS) or start a local one sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # An existing cluster's workers use the cluster's own credentials (Kubernetes Secrets, instance roles);
+        # `kd-cluster submit` is the path that forwards the submitter's by name.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        start_local_ray(num_cpus)
+
+
+__all__ = ["API_SERVER_ENV", "WATCHER_ENV", "ensure_ray", "start_local_ray"]

@@ -1,4 +1,5 @@
-"""Load a job file: safe YAML, ``extends:`` bases, dotted command-line overrides, typed validation.
+"""Load a job file: safe YAML, ``extends:`` bases, profiles, dotted command-line overrides, typed validation; all
+of them combine by one rule, :func:`merge`.
 
 Errors are :class:`SpecError`: they name the file, the field and what is allowed, and the CLI turns
 them into exit code 2 before any cluster resource is asked for.
@@ -130,14 +131,34 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``over`` into a copy of ``base``; mappings merge key by key, anything else replaces."""
+def merge(base: Any, over: Any, where: str = "") -> Any:
+    """The one rule by which settings combine, wherever they come from: a file over the files it ``extends:``, a
+    profile over its job, a stage's ``set:`` over the job's sections, a command-line override over the job.
+
+    - Mappings merge key by key, recursively; anything else in ``over`` (a value, a list) replaces.
+    - A ``method:`` mapping that names another method (``name:``) replaces the method it lands on: a method's
+      settings belong to that method. One that names the same method, or none, merges into it like any mapping
+      (so ``method.ce_weight=1.0`` on the command line reaches every stage that trains with the job's method).
+    - A mapping that lands on a list of named entries (``stages``) merges into the entries it names:
+      ``stages: {student: {set: ...}}`` changes that one stage; a name the list does not hold is an error.
+
+    ``base`` and ``over`` are not changed; the result shares nothing with them.
+    """
+    if isinstance(over, dict) and isinstance(base, list) and all(isinstance(e, dict) and "name" in e for e in base):
+        names = [e["name"] for e in base]
+        unknown = [k for k in over if k not in names]
+        if unknown:
+            raise SpecError(where or "top level", [f"{where}.{unknown[0]}: no entry named {unknown[0]!r}; entries: "
+                                                   f"{', '.join(map(str, names))}"])
+        return [merge(e, over[e["name"]], f"{where}.{e['name']}") if e["name"] in over else copy.deepcopy(e)
+                for e in base]
+    if not (isinstance(over, dict) and isinstance(base, dict)):
+        return copy.deepcopy(over)
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
+        replaces = (k == "method" and isinstance(v, dict) and isinstance(out.get(k), dict)
+                    and v.get("name") not in (None, out[k].get("name")))
+        out[k] = copy.deepcopy(v) if replaces or k not in out else merge(out[k], v, f"{where}.{k}" if where else k)
     return out
 
 
@@ -157,8 +178,8 @@ def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict
         raise SpecError(str(path), ["extends: must be a path or a list of paths (relative to this file)"])
     merged: dict[str, Any] = {}
     for b in bases:
-        merged = deep_merge(merged, load_raw(p.parent / b, (*_seen, p)))
-    return deep_merge(merged, data)
+        merged = merge(merged, load_raw(p.parent / b, (*_seen, p)))
+    return merge(merged, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -176,30 +197,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw mapping (``stages`` entries are addressed by stage name)."""
-    out = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node: Any = out
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
-                if not match:
-                    names = [s.get("name") for s in node if isinstance(s, dict)]
-                    raise SpecError("command line", [f"override {text!r}: no stage named {part!r}; stages: {names}"])
-                node = match[0]
-                continue
-            if not isinstance(node, dict):
-                raise SpecError("command line", [f"override {text!r}: {'.'.join(parts[:i])} is not a mapping"])
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            node = nxt
-        if not isinstance(node, dict):
-            raise SpecError("command line", [f"override {text!r}: {'.'.join(parts[:-1])} is not a mapping"])
-        node[parts[-1]] = value
+def override_mapping(text: str) -> dict[str, Any]:
+    """``a.b.c=value`` as the mapping ``{a: {b: {c: value}}}`` that :func:`merge` puts over the job; a stage is
+    addressed by its name (``stages.<name>.set.<section>.<field>=value``)."""
+    parts, value = parse_override(text)
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
     return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Command-line overrides merged over a raw job, in order (:func:`merge`)."""
+    for text in overrides:
+        try:
+            data = merge(data, override_mapping(text))
+        except SpecError as exc:
+            raise SpecError("command line", [f"override {text!r}: {p}" for p in exc.problems]) from None
+    return data
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -281,7 +296,7 @@ def apply_profile(data: dict[str, Any], profile: str | None, source: str) -> dic
     if profile not in profiles:
         known = ", ".join(profiles) or "(this job defines none)"
         raise SpecError(source, [f"profile {profile!r} is not defined in the job's 'profiles'; known: {known}"])
-    return deep_merge(data, profiles[profile])
+    return merge(data, profiles[profile])
 
 
 def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None, profile: str | None = None) -> JobSpec:
@@ -292,12 +307,15 @@ def load_job(path: str | os.PathLike[str], overrides: list[str] | None = None, p
 
 
 def stage_spec(spec: JobSpec, stage: StageSpec) -> JobSpec:
-    """The effective spec of one stage: the job's sections with the stage's ``set`` merged in."""
-    base = spec.model_dump(mode="python", exclude={"stages"})
-    merged = deep_merge(base, stage.set)
-    if "method" in stage.set:  # a method's settings belong to that method: the stage's method replaces the job's
-        merged["method"] = copy.deepcopy(stage.set["method"])
-    return JobSpec.model_validate(merged)
+    """The effective spec of one stage: the job's sections with the stage's ``set`` merged in (:func:`merge`)."""
+    return JobSpec.model_validate(merge(spec.model_dump(mode="python", exclude={"stages"}), stage.set))
+
+
+def with_settings(spec: JobSpec, changes: dict[str, Any]) -> JobSpec:
+    """``spec`` with ``changes`` (a partial job, e.g. ``{"resources": {"num_workers": 1}}``) merged in by
+    :func:`merge` and validated again: how code changes a validated spec, so that the result is always one a job
+    file could have said."""
+    return JobSpec.model_validate(merge(spec.model_dump(mode="python"), changes))
 
 
 def stages_of(spec: JobSpec) -> list[StageSpec]:

@@ -1,10 +1,10 @@
-"""Small shared helpers: URL arithmetic, atomic writes through fsspec, and seeded generators."""
+"""Small shared helpers: fsspec access, atomic writes through fsspec, and seeded generators (URL arithmetic is
+:mod:`kd_cluster.urls`)."""
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import os
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -13,35 +13,6 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
-
-
-def has_protocol(url: str) -> bool:
-    """True for ``scheme://...`` URLs, False for plain local paths."""
-    return "://" in url
-
-
-def absolute_url(url: str) -> str:
-    """Make a local path absolute; URLs with a protocol are returned as they are."""
-    if has_protocol(url):
-        return url
-    return os.path.abspath(os.path.expanduser(url))
-
-
-def join_url(base: str, *parts: str) -> str:
-    """Join path components onto a local path or URL with ``/``."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def parent_url(url: str) -> str:
-    """The folder that holds ``url``."""
-    return url.rstrip("/").rsplit("/", 1)[0]
-
-
-def resolve_url(base_dir: str, ref: str) -> str:
-    """Resolve ``ref`` (relative to the folder ``base_dir``, or already absolute) to an absolute URL."""
-    if has_protocol(ref) or ref.startswith("/"):
-        return ref
-    return join_url(base_dir, ref)
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ._util import absolute_url, atomic_write, parent_url, resolve_url, url_to_fs
+from ._util import atomic_write, url_to_fs
+from kd_cluster.urls import absolute, parent, resolve
 from .errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -57,7 +58,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         """The on-disk form, with shard URLs relative to the manifest's folder where possible."""
-        base = parent_url(self.url) + "/"
+        base = parent(self.url) + "/"
         return {
             "format": FORMAT,
             "name": self.name,
@@ -98,7 +99,7 @@ def manifest_from_json(url: str, doc: Any) -> Manifest:
         raise bad("classes must be a non-empty list of strings")
     if not doc["shards"]:
         raise bad("no shards")
-    base = parent_url(url)
+    base = parent(url)
     shards = []
     for i, s in enumerate(doc["shards"]):
         if not (
@@ -109,7 +110,7 @@ def manifest_from_json(url: str, doc: Any) -> Manifest:
             and s["count"] >= 0
         ):
             raise bad(f"shard entry {i} must be {{'url': str, 'count': int >= 0, 'first_index': int}}, got {s!r}")
-        shards.append(ShardInfo(url=resolve_url(base, s["url"]), count=s["count"], first_index=s["first_index"]))
+        shards.append(ShardInfo(url=resolve(base, s["url"]), count=s["count"], first_index=s["first_index"]))
     reencode = doc.get("reencode")
     if reencode is not None and not (isinstance(reencode, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in reencode.items())):
@@ -131,7 +132,7 @@ def manifest_from_json(url: str, doc: Any) -> Manifest:
 
 def manifest_file_url(url: str) -> str:
     """The manifest file for ``url``: ``url`` itself if it names a ``.json`` file, else ``url/manifest.json``."""
-    url = absolute_url(url)
+    url = absolute(url)
     if url.endswith(".json"):
         return url
     return url.rstrip("/") + "/" + MANIFEST_NAME

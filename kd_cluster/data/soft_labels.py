@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from ._util import SeedTag, absolute_url, atomic_write, join_url, parent_url, resolve_url, seeded_rng, url_to_fs
+from ._util import SeedTag, atomic_write, seeded_rng, url_to_fs
+from kd_cluster.urls import absolute, join, parent, resolve
 from .augment import AugmentParams, ViewParams, draw_views
 from .errors import DataError
 from .manifest import Manifest, ShardInfo
@@ -98,8 +99,8 @@ def sidecar_name(shard_url: str) -> str:
 
 def labels_file_url(url: str) -> str:
     """The manifest of a label set given its folder or the manifest itself."""
-    url = absolute_url(url)
-    return url if url.endswith(".json") else join_url(url, LABELS_MANIFEST)
+    url = absolute(url)
+    return url if url.endswith(".json") else join(url, LABELS_MANIFEST)
 
 
 def label_view(width: int, height: int, augment: AugmentParams, seed: int, shard: int, position: int,
@@ -171,7 +172,7 @@ def read_labels(url: str, storage_options: dict[str, Any] | None = None) -> Labe
     file_url = labels_file_url(url)
     doc = _read_json(file_url, storage_options)
     if doc is None:
-        partial = _read_json(join_url(parent_url(file_url), LABELING_CONFIG), storage_options)
+        partial = _read_json(join(parent(file_url), LABELING_CONFIG), storage_options)
         hint = (" (labelling started there but did not finish: run `kd-cluster teacher label` again to complete it)"
                 if partial is not None else " (write it with `kd-cluster teacher label JOB`)")
         raise DataError(f"no soft labels at {file_url}{hint}")
@@ -179,7 +180,7 @@ def read_labels(url: str, storage_options: dict[str, Any] | None = None) -> Labe
         raise DataError(f"malformed soft-label manifest {file_url}: expected format {FORMAT!r}")
     try:
         config = LabelConfig.from_json(doc["config"])
-        files = [resolve_url(parent_url(file_url), f) for f in doc["files"]]
+        files = [resolve(parent(file_url), f) for f in doc["files"]]
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"malformed soft-label manifest {file_url}: {type(e).__name__}: {e}") from None
     if len(files) != len(config.data_shards):
@@ -191,7 +192,7 @@ def read_labels(url: str, storage_options: dict[str, Any] | None = None) -> Labe
 def start_labels(out: str, config: LabelConfig, storage_options: dict[str, Any] | None = None) -> None:
     """Record the configuration of a labelling in ``out`` (or check it against the one a previous, interrupted
     labelling recorded there, which it then continues)."""
-    url = join_url(absolute_url(out), LABELING_CONFIG)
+    url = join(absolute(out), LABELING_CONFIG)
     have = _read_json(url, storage_options)
     if have is None:
         _write_json(url, config.to_json(), storage_options)
@@ -206,15 +207,15 @@ def start_labels(out: str, config: LabelConfig, storage_options: dict[str, Any] 
 def finish_labels(out: str, config: LabelConfig, data: Manifest,
                   storage_options: dict[str, Any] | None = None) -> LabelSet:
     """Write the manifest of a label set whose sidecars are all written; it makes the set usable."""
-    out = absolute_url(out)
+    out = absolute(out)
     names = [sidecar_name(s.url) for s in data.shards]
     fs, _ = url_to_fs(out, storage_options)
-    missing = [n for n in names if not fs.exists(url_to_fs(join_url(out, n), storage_options)[1])]
+    missing = [n for n in names if not fs.exists(url_to_fs(join(out, n), storage_options)[1])]
     if missing:
         raise DataError(f"{out}: {len(missing)} sidecars are missing (e.g. {missing[0]}); label the missing shards first")
     doc = {"format": FORMAT, "config": config.to_json(), "files": names, "missing_mass": "uniform",
            "data": data.url}
-    _write_json(join_url(out, LABELS_MANIFEST), doc, storage_options)
+    _write_json(join(out, LABELS_MANIFEST), doc, storage_options)
     return read_labels(out, storage_options)
 
 

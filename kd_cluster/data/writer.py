@@ -38,7 +38,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
-from ._util import SeedTag, absolute_url, atomic_write, join_url, seeded_rng, url_to_fs
+from ._util import SeedTag, atomic_write, seeded_rng, url_to_fs
+from kd_cluster.urls import absolute, join
 from .errors import DataError
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, write_manifest
 
@@ -157,7 +158,7 @@ def write_split(
     ``reencode`` shrinks images larger than its ``max_side`` (:func:`shrink_image`) in ``jobs`` processes
     (default: the CPU count); the manifest records it.
     """
-    split_url = join_url(absolute_url(out_url), split)
+    split_url = join(absolute(out_url), split)
     if shard_size < 1:
         raise DataError(f"{split_url}: shard_size must be >= 1, got {shard_size}")
     if channels not in (1, 3):
@@ -184,11 +185,11 @@ def write_split(
                     tw.write(_tar_sample(sample, index, len(classes), split_url))
                     index += 1
                     bar.update(1)
-            shards.append(ShardInfo(url=join_url(split_url, fname), count=index - first_index, first_index=first_index))
+            shards.append(ShardInfo(url=join(split_url, fname), count=index - first_index, first_index=first_index))
     if not shards:
         raise DataError(f"{split_url}: no samples to write")
     manifest = Manifest(
-        url=join_url(split_url, MANIFEST_NAME),
+        url=join(split_url, MANIFEST_NAME),
         name=name,
         split=split,
         classes=list(classes),
@@ -243,14 +244,14 @@ def build_imagefolder(
     ``root`` is read with fsspec's default options (``storage_options`` apply to ``out_url`` only);
     ``name`` defaults to the last component of ``root``. Returns ``{"train": ..., "val": ...}``.
     """
-    root = absolute_url(root)
+    root = absolute(root)
     fs, root_path = url_to_fs(root, None)
     name = name or posixpath.basename(root.rstrip("/")) or "imagefolder"
 
     def class_dirs(split: str) -> dict[str, str]:
         path = posixpath.join(root_path, split)
         if not fs.isdir(path):
-            raise DataError(f"{join_url(root, split)}: missing folder (expected {split}/<class>/<images>)")
+            raise DataError(f"{join(root, split)}: missing folder (expected {split}/<class>/<images>)")
         dirs = {}
         for e in fs.ls(path, detail=True):
             cname = posixpath.basename(e["name"].rstrip("/"))
@@ -261,7 +262,7 @@ def build_imagefolder(
     train_dirs = class_dirs("train")
     classes = sorted(train_dirs)
     if not classes:
-        raise DataError(f"{join_url(root, 'train')}: no class folders")
+        raise DataError(f"{join(root, 'train')}: no class folders")
     label_of = {c: i for i, c in enumerate(classes)}
     out: dict[str, Manifest] = {}
     for split_no, split in enumerate(("train", "val")):
@@ -270,14 +271,14 @@ def build_imagefolder(
         for cname in sorted(dirs):
             if cname not in label_of:
                 raise DataError(
-                    f"{join_url(root, split, cname)}: class {cname!r} is not a class of train/ ({len(classes)} classes)"
+                    f"{join(root, split, cname)}: class {cname!r} is not a class of train/ ({len(classes)} classes)"
                 )
             for path in sorted(fs.find(dirs[cname])):
                 ext = posixpath.splitext(path)[1][1:].lower()
                 if ext in IMAGE_EXTENSIONS:
                     files.append((path, ext, label_of[cname]))
         if not files:
-            raise DataError(f"{join_url(root, split)}: no images (*.JPEG, *.jpg, *.jpeg, *.png) in any class folder")
+            raise DataError(f"{join(root, split)}: no images (*.JPEG, *.jpg, *.jpeg, *.png) in any class folder")
         order = seeded_rng(SeedTag.IMAGEFOLDER_SHUFFLE, seed, split_no).permutation(len(files))
 
         def samples(
@@ -475,7 +476,7 @@ def find_idx_files(root: str) -> dict[str, tuple[str, str]]:
     Files are matched by name as the MNIST-family datasets ship them: ``train-images-idx3-ubyte[.gz]``,
     ``train-labels-idx1-ubyte[.gz]`` and the same with ``t10k-``. A missing or doubled file is an error.
     """
-    root = absolute_url(root)
+    root = absolute(root)
     fs, root_path = url_to_fs(root, None)
     if not fs.isdir(root_path):
         raise DataError(f"{root}: no such folder (expected the IDX files train-images-idx3-ubyte[.gz], ...)")
@@ -487,11 +488,11 @@ def find_idx_files(root: str) -> dict[str, tuple[str, str]]:
             stem = f"{prefix}{kind}-idx{ndim}-ubyte"
             hits = [n for n in names if n in (stem, f"{stem}.gz")]
             if not hits:
-                raise DataError(f"{join_url(root, stem)}[.gz]: missing (an IDX set holds train-images-idx3-ubyte, "
+                raise DataError(f"{join(root, stem)}[.gz]: missing (an IDX set holds train-images-idx3-ubyte, "
                                 "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, gzipped or not)")
             if len(hits) > 1:
-                raise DataError(f"{join_url(root, stem)}: both {hits[0]} and {hits[1]} present; keep one")
-            found.append(join_url(root, hits[0]))
+                raise DataError(f"{join(root, stem)}: both {hits[0]} and {hits[1]} present; keep one")
+            found.append(join(root, hits[0]))
         out[part] = (found[0], found[1])
     return out
 
@@ -543,7 +544,7 @@ def build_idx(
     manifests by split.
     """
     files = find_idx_files(root)
-    name = name or posixpath.basename(absolute_url(root).rstrip("/")) or "idx"
+    name = name or posixpath.basename(absolute(root).rstrip("/")) or "idx"
     train_x, train_y = load_idx_pair(*files["train"])
     test_x, test_y = load_idx_pair(*files["t10k"])
     if train_x.shape[1:] != test_x.shape[1:]:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd_cluster.results.store import STAGE_MARKER, metrics_path, run_progress, spec_for_resume, stage_specs
-from kd_cluster.storage import Store, join
+from kd_cluster.storage import Store
+from kd_cluster.urls import is_remote, join
 
 NOT_LOSS = {"lr", "images_per_s", "data_wait_s_per_step", "corrupt_samples", "mixup_lambda"}
 """Scalars without a '/' in their name that are not loss terms."""
@@ -234,7 +235,7 @@ def build_report(runs: list[str], out: str, *, storage: str = "./runs", endpoint
         sources.append((stages[0].run if stages else run, url))
         series += stages
     page = render(series, sources)
-    url = write_file(out, page.encode(), endpoint_url if "://" in out else None)
+    url = write_file(out, page.encode(), endpoint_url if is_remote(out) else None)
     return {"out": url, "bytes": len(page), "stages": [s.label for s in series], "plots": page.count("<img "),
             "missing_metrics": [s.metrics_file for s in series if not s.records]}
 

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kd_cluster.config import JobSpec, stage_spec, stages_of
-from kd_cluster.storage import CheckpointStore, Store, absolute, is_remote, join
+from kd_cluster.config import JobSpec, stage_spec, stages_of, with_settings
+from kd_cluster.storage import CheckpointStore, Store
+from kd_cluster import urls
+from kd_cluster.urls import absolute, join
 
 RESOLVED_SPEC = "job.json"
 """The run's resolved spec, next to its stages (``kd-cluster resume`` needs nothing else)."""
@@ -36,7 +38,7 @@ class RunNotFound(ValueError):
 def find_run(run: str, storage: str = "./runs", endpoint_url: str | None = None) -> str:
     """A run's folder URL from its name (under ``storage``) or its own path/URL."""
     candidates = []
-    if "://" in run or "/" in run or os.sep in run or run.startswith("."):
+    if urls.has_scheme(run) or "/" in run or os.sep in run or run.startswith("."):
         candidates.append(absolute(run))
     candidates.append(join(absolute(storage), run))
     for url in dict.fromkeys(candidates):
@@ -60,11 +62,10 @@ def spec_for_resume(run_url: str, endpoint_url: str | None = None) -> tuple[JobS
     """The stored spec of a run, pointed at the folder it was found in (so it resumes there); and its source."""
     meta = read_job(run_url, endpoint_url)
     spec = JobSpec.model_validate(meta["spec"])
-    parent, name = (run_url.rstrip("/").rsplit("/", 1) if is_remote(run_url)
-                    else (str(Path(run_url).parent), Path(run_url).name))
-    if name != spec.name:
-        raise RunNotFound(f"{run_url}: its job.json names run {spec.name!r}, not {name!r}")
-    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"path": parent})})
+    url = absolute(run_url)
+    if urls.name(url) != spec.name:
+        raise RunNotFound(f"{run_url}: its job.json names run {spec.name!r}, not {urls.name(url)!r}")
+    spec = with_settings(spec, {"storage": {"path": urls.parent(url)}})
     return spec, meta.get("source", RESOLVED_SPEC)
 
 
@@ -169,8 +170,7 @@ def attempt(spec: JobSpec) -> Iterator[None]:
 def write_file(url: str, data: bytes, endpoint_url: str | None = None) -> str:
     """Write a whole output file (a local path, parents created, or any fsspec URL); returns its absolute URL."""
     url = absolute(url)
-    parent, name = url.rstrip("/").rsplit("/", 1) if is_remote(url) else (str(Path(url).parent), Path(url).name)
-    Store(parent, endpoint_url).write_bytes(name, data)
+    Store(urls.parent(url), endpoint_url).write_bytes(urls.name(url), data)
     return url
 
 

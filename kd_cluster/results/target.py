@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kd_cluster.results.store import STAGE_MARKER, find_run, read_job, run_progress, spec_for_resume
-from kd_cluster.storage import Store, absolute
+from kd_cluster.storage import Store
+from kd_cluster.urls import absolute
 
 
 class TargetError(ValueError):

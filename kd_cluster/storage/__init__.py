@@ -10,10 +10,11 @@ import json
 import os
 import posixpath
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
+
+from kd_cluster.urls import absolute, is_remote, join
 
 
 def storage_options(url: str, endpoint_url: str | None) -> dict[str, Any]:
@@ -43,25 +44,6 @@ def describe_store_error(exc: BaseException) -> str:
         text += (" (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, where this runs; "
                  "on a cluster, in the workers' environment)")
     return text
-
-
-def is_remote(url: str) -> bool:
-    """True for URLs with a scheme other than file://."""
-    return "://" in url and not url.startswith("file://")
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (workers may run in another directory); URLs unchanged."""
-    if is_remote(url) or url.startswith("builtin://"):
-        return url
-    return str(Path(url.removeprefix("file://")).expanduser().resolve())
-
-
-def join(url: str, *parts: str) -> str:
-    """Join path segments onto a local path or a URL."""
-    if is_remote(url):
-        return posixpath.join(url, *parts)
-    return str(Path(url, *parts))
 
 
 class Store:
@@ -275,5 +257,5 @@ def valid_checksums(files: Any) -> bool:
         and isinstance(v.get("sha256"), str) for k, v in files.items())
 
 
-__all__ = ["CheckpointStore", "Store", "absolute", "describe_store_error", "is_remote", "join", "storage_options",
+__all__ = ["CheckpointStore", "Store", "describe_store_error", "storage_options",
            "store_errors", "valid_checksums"]

@@ -17,7 +17,8 @@ from kd_cluster.data import Manifest
 from kd_cluster.data.augment import image_size, render_views
 from kd_cluster.data.shards import read_shard
 from kd_cluster.data.soft_labels import MAX_BOX, LabelConfig, label_view, sidecar_name, write_sidecar
-from kd_cluster.data._util import join_url, url_to_fs
+from kd_cluster.data._util import url_to_fs
+from kd_cluster.urls import join
 from kd_cluster.teacher.base import TeacherContext, TeacherPlan
 
 _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -41,7 +42,7 @@ class LabelJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def sidecar_url(self, j: int) -> str:
-        return join_url(self.out, sidecar_name(self.data.shards[j].url))
+        return join(self.out, sidecar_name(self.data.shards[j].url))
 
     def pending(self) -> list[int]:
         """Shards whose sidecar is not written yet."""

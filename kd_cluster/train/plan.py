@@ -11,14 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of
+from kd_cluster.config import JobSpec, SpecError, stage_spec, stages_of, with_settings
 from kd_cluster.config.spec import LabelStageSpec, ModelSpec, StageSpec, TeacherSpec
 from kd_cluster.data import DataError, DatasetMissing, Manifest, load_manifest, read_labels
 from kd_cluster.data.catalog import check_builtin, is_builtin
 from kd_cluster.data.soft_labels import label_mismatches
 from kd_cluster.methods import MethodError, Needs, method_needs
 from kd_cluster.models import ModelError, check_model_name, check_taps, default_normalization, weights_sha256
-from kd_cluster.storage import absolute, describe_store_error, is_remote, join, storage_options, store_errors
+from kd_cluster.storage import describe_store_error, storage_options, store_errors
+from kd_cluster.urls import absolute, is_remote, join
 from kd_cluster.teacher import MemberPlan, TeacherPlan
 
 STAGE_REF = "stage:"
@@ -314,9 +315,9 @@ def _label_stage(spec: JobSpec, eff: JobSpec, stage: StageSpec, at: str, root: s
         except ModelError as exc:
             problems.append(f"{at}{field}.arch: {exc}")
     needs = Needs(teacher=True)
-    members = _members(eff.teacher.model_copy(update={"placement": "colocated"}), needs, at, earlier, root, problems)
-    train_m, _, _ = _stage_data(eff.model_copy(update={"data": eff.data.model_copy(update={"val": None})}), at,
-                                check_data, problems, opened)
+    colocated = with_settings(eff, {"teacher": {"placement": "colocated", "labels": None}, "data": {"val": None}})
+    members = _members(colocated.teacher, needs, at, earlier, root, problems)
+    train_m, _, _ = _stage_data(colocated, at, check_data, problems, opened)
     num_classes, channels = (train_m.num_classes, train_m.channels) if train_m else (0, 0)
     if train_m is not None and stage.labels.top_k > num_classes:
         problems.append(f"{at}labels.top_k: {stage.labels.top_k} is more than the {num_classes} classes of the data")
@@ -370,8 +371,7 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
     for i, stage in enumerate(stages):
         eff = stage_spec(spec, stage) if spec.stages else spec
         # workers run in other directories: local telemetry paths are fixed on the driver
-        eff = eff.model_copy(update={"telemetry": eff.telemetry.model_copy(
-            update={"wandb_dir": absolute(eff.telemetry.wandb_dir)})})
+        eff = with_settings(eff, {"telemetry": {"wandb_dir": absolute(eff.telemetry.wandb_dir)}})
         at = f"stages[{i}] ({stage.name}): " if spec.stages else ""
         if stage.labels is not None:
             label_plan = _label_stage(spec, eff, stage, at, root, offset, list(trained_by), check_data, problems,

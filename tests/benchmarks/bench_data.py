@@ -1,6 +1,6 @@
 """Data-loading benchmark: ``python tests/benchmarks/bench_data.py [--images N] [--size S] [--workers W]``.
 
-The implementation lives in :mod:`kd_cluster.data.bench` so the installed CLI (``kd-cluster bench data``)
+The implementation lives in :mod:`kd_cluster.bench.data` so the installed CLI (``kd-cluster bench data``)
 can call :func:`run` too; this file is the command-line entry point and the benchmark's home in tests/.
 """
 
@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from kd_cluster.data.bench import format_table, run
+from kd_cluster.bench.data import format_table, run
 
 __all__ = ["format_table", "main", "run"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kd_cluster.teacher.bench import BenchSetup, _batches, _Student
+from kd_cluster.bench.teacher_rates import BenchSetup, _batches, _Student
 from kd_cluster.teacher.remote import RemoteTeacher, ServerConfig
 
 

@@ -38,9 +38,9 @@ import torch
 
 
 def _jpeg(seed: int) -> bytes:
-    from kd_cluster.data.bench import _photo_like_jpeg
+    from kd_cluster.bench.data import photo_like_jpeg
 
-    return _photo_like_jpeg(np.random.default_rng(seed), 500, 375)
+    return photo_like_jpeg(np.random.default_rng(seed), 500, 375)
 
 
 def write_shards(root: Path, images: int, shard_size: int) -> str:

@@ -1,5 +1,6 @@
-"""``kd-cluster bench teacher``: how fast the student steps, how fast the teacher answers, and what a
-training worker reaches with the teacher colocated or on teacher actors (Ray-free parts here).
+"""The rates ``kd-cluster bench teacher`` measures (:mod:`kd_cluster.bench.teacher` runs them, in this process
+or as Ray tasks of :mod:`kd_cluster.bench.teacher_ray`): how fast the student steps, how fast the teacher
+answers, and what a training worker reaches with the teacher colocated or on teacher actors.
 
 Synthetic uint8 batches of the job's size; random-init models of the job's architectures (weights do not
 change the speed). A "worker" here is one process pinned to ``threads`` torch threads: colocated, it runs
@@ -13,8 +14,6 @@ rate is a rate over one shared window.
 from __future__ import annotations
 
 import contextlib
-import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +67,7 @@ class _Student:
     def __init__(self, b: BenchSetup, device: torch.device) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from kd_cluster.models import build_model, maybe_compile
-        from kd_cluster.models import Normalizer
+        from kd_cluster.models import Normalizer, build_model, maybe_compile
 
         on_gpu = device.type == "cuda"
         channels_last = on_gpu and b.channels_last
@@ -194,59 +192,4 @@ def actors_rate(b: BenchSetup, pool: TeacherPool, prefetch: int, rank: int = 0) 
     return {"images_per_s": rate, **rt.metrics()}
 
 
-def summarize(rounds: dict[str, list[float]], s_rate: float, t_rate: float) -> dict[str, Any]:
-    """Medians of the rounds; each configuration's median ratio to the colocated rate of the same round (the
-    machine's speed drifts between rounds, less within one); the replicas to keep one student busy; ceilings."""
-    med = {k: statistics.median(v) for k, v in rounds.items() if v}
-    base = next((v for k, v in rounds.items() if k.startswith("colocated")), None)
-    ratios = {k: statistics.median(a / c for a, c in zip(v, base, strict=False)) for k, v in rounds.items()
-              if base and v and not k.startswith("colocated")}
-    return {"medians": med, "ratios": ratios, "rounds": rounds, "student_rate": s_rate, "teacher_rate": t_rate,
-            "replicas_per_student": math.ceil(s_rate / t_rate) if t_rate else None,
-            "colocated_ceiling": 1.0 / (1.0 / s_rate + 1.0 / t_rate) if s_rate and t_rate else None,
-            "separate_teacher_ceiling": min(s_rate, t_rate) if s_rate and t_rate else None}
-
-
-def summarize_compile(eager: dict[str, list[float]], compiled: dict[str, list[float]]) -> dict[str, Any]:
-    """Per figure (student, teacher, colocated): median images/s uncompiled and compiled, and the median of the
-    per-round ratios compiled / uncompiled (both measured in the same round)."""
-    return {k: {"eager": statistics.median(eager[k]), "compiled": statistics.median(compiled[k]),
-                "ratio": statistics.median(c / e for c, e in zip(compiled[k], eager[k], strict=True)),
-                "rounds_eager": eager[k], "rounds_compiled": compiled[k]} for k in eager}
-
-
-def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{'configuration':<50} {'images/s':>10} {'vs colocated':>13}"]
-    lines.append(f"{'student step alone (1 worker)':<50} {res['student_rate']:>10.1f}")
-    lines.append(f"{'teacher forward alone (1 replica)':<50} {res['teacher_rate']:>10.1f}")
-    for k, v in res.get("medians", {}).items():
-        r = res.get("ratios", {}).get(k)
-        lines.append(f"{k:<50} {v:>10.1f} {f'{r:.2f}x' if r is not None else '':>13}")
-    if res.get("replicas_per_student"):
-        lines.append(f"teacher replicas to keep one student worker busy: {res['replicas_per_student']} "
-                     f"(ceil({res['student_rate']:.1f} / {res['teacher_rate']:.1f}))")
-        lines.append(f"one worker, colocated ceiling 1/(1/S+1/T): {res['colocated_ceiling']:.1f} images/s; "
-                     f"with one separate teacher replica min(S, T): {res['separate_teacher_ceiling']:.1f} images/s")
-    tm = res.get("teacher_metrics") or {}
-    if tm:
-        lines.append(f"{'first worker, per step':<28} {'prefetch':>8} {'latency p50 s':>14} {'compute p50 s':>14} "
-                     f"{'wait s/step':>12}")
-        for p, m in tm.items():
-            lines.append(f"{'':<28} {p:>8} {m.get('latency_p50_s', float('nan')):>14.4f} "
-                         f"{m.get('compute_p50_s', float('nan')):>14.4f} {m.get('wait_s_per_step', float('nan')):>12.4f}")
-        m = next(iter(tm.values()))
-        if "up_bytes_per_image" in m:
-            lines.append(f"bytes per image: {m['up_bytes_per_image']:.1f} up (uint8 crops), "
-                         f"{m['down_bytes_per_image']:.1f} down (teacher outputs)")
-    comp = res.get("compile")
-    if comp:
-        lines.append(f"{'torch.compile (same rounds)':<40} {'uncompiled':>11} {'compiled':>10} {'ratio':>7}")
-        for k, v in comp.items():
-            lines.append(f"{k:<40} {v['eager']:>11.1f} {v['compiled']:>10.1f} {v['ratio']:>6.2f}x")
-    if "load" in res:
-        lines.append(f"load average before / after: {res['load']}")
-    return "\n".join(lines)
-
-
-__all__ = ["BenchSetup", "actors_rate", "colocated_rate", "format_table", "student_rate", "summarize",
-           "summarize_compile", "teacher_rate"]
+__all__ = ["BenchSetup", "actors_rate", "colocated_rate", "student_rate", "teacher_rate", "worker_group"]

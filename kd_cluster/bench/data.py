@@ -15,7 +15,7 @@ DataLoader worker count and batch size, images/s of
 (:func:`~kd_cluster.data.shrink_image`, what ``shards build --max-side`` writes): the shards are written
 from an ImageFolder tree of the re-encoded files, so both loaders read the very same bytes.
 
-``tests/benchmarks/bench_data.py`` runs it from the command line; ``kd-cluster bench data`` wraps :func:`run`.
+``kd-cluster bench data`` (and ``tests/benchmarks/bench_data.py``) runs :func:`run`.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import AugmentParams
-from .stream import TrainStream, make_train_loader
-from .writer import Reencode, build_imagefolder, shrink_image
+from kd_cluster.data.augment import AugmentParams
+from kd_cluster.data.stream import TrainStream, make_train_loader
+from kd_cluster.data.writer import Reencode, build_imagefolder, shrink_image
 
 
-def _photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
     xx = np.arange(width, dtype=np.float32)[None, :]
     yy = np.arange(height, dtype=np.float32)[:, None]
     img = np.empty((height, width, 3), dtype=np.float32)
@@ -68,7 +68,7 @@ def make_imagenet_like(root: Path, *, n_images: int, n_classes: int, seed: int =
             d = root / split / f"n{i % n_classes:08d}"
             d.mkdir(parents=True, exist_ok=True)
             w, h = (500, 375) if rng.random() < 0.5 else (int(rng.integers(333, 500)), int(rng.integers(333, 500)))
-            data = _photo_like_jpeg(rng, w, h)
+            data = photo_like_jpeg(rng, w, h)
             (d / f"{split}_{i:06d}.JPEG").write_bytes(data)
             total += len(data) if split == "train" else 0
     return total

@@ -174,4 +174,80 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_DECODE_PER_CORE", "Candidate", "Plan", "Rates", "candidates", "format_plan", "plan"]
+def gpu_rates(stage: Any, *, rates: str | None = None, bench_file: str | None = None,
+              measure_steps: int = 10) -> tuple[dict[str, float | None], list[str]]:
+    """Student, teacher and colocated rates of one GPU for a stage: given (``rates``: "S,T" or "S,T,C"), from a
+    ``bench teacher --save`` file, or measured here (briefly, on this machine's device)."""
+    import json
+    from pathlib import Path
+
+    if rates:
+        try:
+            vals = [float(v) for v in rates.split(",")]
+        except ValueError:
+            vals = []
+        if len(vals) not in (2, 3):
+            raise ValueError(f"--rates {rates!r}: give S,T or S,T,C (images/s per GPU: student step, teacher "
+                             "forward, both colocated)")
+        return {"student": vals[0], "teacher": vals[1], "colocated": vals[2] if len(vals) == 3 else None}, []
+    if bench_file:
+        try:
+            res = json.loads(Path(bench_file).read_text())
+            colocated = next((v for k, v in res.get("medians", {}).items() if k.startswith("colocated")), None)
+            return {"student": float(res["student_rate"]), "teacher": float(res["teacher_rate"]),
+                    "colocated": colocated}, []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"--bench {bench_file}: not a `kd-cluster bench teacher --save` result ({exc})") from None
+    import torch
+
+    from kd_cluster.bench import teacher_rates as bench
+    from kd_cluster.bench.teacher import setup_for
+
+    b = setup_for(stage, batch=None, steps=measure_steps, warmup=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    note = (f"rates measured here on the {dev} ({measure_steps} steps each; `bench teacher --save` on the GPU machine "
+            "gives steadier ones)")
+    return {"student": bench.student_rate(b), "teacher": bench.teacher_rate(b), "colocated": bench.colocated_rate(b)}, [note]
+
+
+def decode_rate(decode: str, data_bench: str | None) -> tuple[float, list[str]]:
+    """Images one loader core feeds per second with ``decode``: from a ``bench data --save`` file, else this
+    project's own figure (:data:`DEFAULT_DECODE_PER_CORE`)."""
+    import json
+    from pathlib import Path
+
+    if not data_bench:
+        return DEFAULT_DECODE_PER_CORE[decode], [f"loader rate per core: this project's `bench data` figure for "
+                                                 f"{decode} decode (give --data-bench with your own)"]
+    key = "trainstream_img_per_cpu_s" if decode == "cpu" else "gpu_loader_img_per_cpu_s"
+    try:
+        return float(json.loads(Path(data_bench).read_text())[key]), []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--data-bench {data_bench}: not a `kd-cluster bench data --save` result with {key!r} "
+                         f"({exc})") from None
+
+
+def plan_stage(stage: Any, gpus: int, *, rates: str | None = None, bench_file: str | None = None,
+               data_bench: str | None = None, gpu_decode: float | None = None, cpus: int | None = None,
+               samples: int | None = None, measure_steps: int = 10) -> Plan:
+    """``kd-cluster plan``: the best split of ``gpus`` for a stage (a ``StagePlan`` with a teacher), its rates
+    given, read from benchmark results or measured here; the epoch from the train manifest's sample count
+    unless ``samples`` is given."""
+    decode = stage.spec.data.decode
+    measured, notes = gpu_rates(stage, rates=rates, bench_file=bench_file, measure_steps=measure_steps)
+    per_core, more = decode_rate(decode, data_bench)
+    r = Rates(**measured, gpu_decode=gpu_decode, decode_per_core=per_core)
+    if samples is None:
+        from kd_cluster.data import load_manifest
+
+        try:
+            samples = load_manifest(stage.train_manifest).num_samples
+        except Exception:  # noqa: BLE001 - a remote manifest we may not reach from here: epoch time unknown
+            samples = None
+    result = plan(r, gpus, decode=decode, cpus=cpus, samples=samples)
+    result.notes = notes + more + result.notes
+    return result
+
+
+__all__ = ["DEFAULT_DECODE_PER_CORE", "Candidate", "Plan", "Rates", "candidates", "decode_rate", "format_plan",
+           "gpu_rates", "plan", "plan_stage"]
