@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kd_cluster.config import SpecError, load_job
-from kd_cluster.methods import METHODS, Method, MethodConfig, Needs, Registered, SetupInfo, StepOutputs
+from kd_cluster.methods import METHODS, Method, MethodConfig, Needs, SetupInfo, StepOutputs
 
 
 class ProbeHintConfig(MethodConfig):
@@ -50,7 +50,7 @@ class ProbeHint(Method):
 
 @pytest.fixture
 def probe_hint():
-    METHODS["probe_hint"] = Registered(ProbeHintConfig, ProbeHint)
+    METHODS["probe_hint"] = ProbeHint
     ProbeHint.seen_setup.clear()
     yield
     del METHODS["probe_hint"]
@@ -100,3 +100,75 @@ def test_method_init_must_name_an_earlier_stage(probe_hint, tiny_job) -> None:
                                       {"name": "d", "set": {"method": {"name": "probe_hint", "init": "stage:nope"}}}])
     with pytest.raises(SpecError, match=r"method.init: 'stage:nope' names no earlier stage"):
         plan_job(load_job(job), str(job), check_data="none")
+
+
+TOY_METHOD = '''"""A toy method, to show that a method is one file: squared distance between softened outputs."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from kd_cluster.methods.base import F, Method, MethodConfig, Needs, StepOutputs, register, torch
+
+
+class ToyConfig(MethodConfig):
+    """Settings of ``toy_l2``: loss = weight * mean((p_s - p_t)^2) at temperature T."""
+
+    weight: float = Field(1.0, ge=0.0, description="Weight of the term.")
+    temperature: float = Field(2.0, gt=0.0, description="Softmax temperature of both distributions.")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, labels=False)
+
+
+@register("toy_l2")
+class ToyL2(Method):
+    Config = ToyConfig
+
+    def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        t = self.cfg.temperature
+        p_s = F.softmax(out.student_logits / t, dim=-1)
+        p_t = F.softmax(out.teacher_logits.float() / t, dim=-1)
+        return {"l2": self.cfg.weight * (p_s - p_t).pow(2).sum(-1).mean()}
+'''
+
+TOY_DRIVER = '''import json, sys
+import kd_cluster.methods as methods
+methods.__path__.append(sys.argv[1])  # the folder the one new file is in, as if it were kd_cluster/methods/
+from kd_cluster.config import load_job
+from kd_cluster.train import plan_job
+spec = load_job(sys.argv[2])
+plans = plan_job(spec, sys.argv[2], check_data="local")
+checked_without_torch = "torch" not in sys.modules
+try:
+    plan_job(load_job(sys.argv[2], ["method.wieght=2.0"]), sys.argv[2], check_data="local")
+    refused = ""
+except Exception as exc:
+    refused = str(exc)
+from kd_cluster.cluster import run_job
+res = run_job(spec, sys.argv[2], use_ray=False)
+print("RESULT " + json.dumps({"needs": plans[-1].needs.teacher, "no_torch": checked_without_torch,
+                              "refused": refused, "metrics": res.stages["toy"]["final_metrics"]}))
+'''
+
+
+def test_a_method_is_one_file(tiny_job, tmp_path: Path) -> None:
+    """Adding a method is one file: the registry finds it in the methods package's folder(s), a job names it,
+    validation knows its settings without importing torch, and the loop trains with its loss term."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "more_methods"
+    folder.mkdir()
+    (folder / "toy_l2.py").write_text(TOY_METHOD)
+    job = tiny_job("toy", method={"name": "toy_l2", "weight": 3.0},
+                   stages=[{"name": "teacher", "trains": "teacher",
+                            "set": {"method": {"name": "supervised"}, "schedule": {"steps": 4}}},
+                           {"name": "toy"}])
+    r = subprocess.run([sys.executable, "-c", TOY_DRIVER, str(folder), str(job)], capture_output=True, text=True,
+                       timeout=600, env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert "RESULT " in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(r.stdout.rsplit("RESULT ", 1)[1])
+    assert res["needs"] is True and res["no_torch"] is True
+    assert "method.wieght: unknown setting for method 'toy_l2'; allowed: init, weight, temperature" in res["refused"]
+    assert res["metrics"]["l2"] > 0 and "eval/student_top1" in res["metrics"], res["metrics"]

@@ -101,7 +101,7 @@ EXAMPLE_SETTINGS = {
 
 # methods with required settings get them here; others that build modules from real feature shapes in
 # setup() are exercised in their own test files
-@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.load().setup is Method.setup
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if c.setup is Method.setup
                                         or n in EXAMPLE_SETTINGS))
 def test_every_method_returns_named_differentiable_terms(name: str) -> None:
     m = build_method(name, EXAMPLE_SETTINGS.get(name, {}))

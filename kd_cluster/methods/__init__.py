@@ -1,86 +1,45 @@
-"""Distillation methods: registered here by name, with their settings and their torch module.
+"""Distillation methods, one file each: its settings class, its torch module and ``@register("name")``.
 
-Adding a method = its torch module in a new file + its settings class in ``settings.py`` + one line in
-``METHODS`` + a job file + its tests. The settings (a pydantic model whose ``needs()`` says what the method
-asks of the loop) are apart from the torch module because checking a job file (``kd-cluster validate``,
-the planner) must not import torch, and a Python file cannot be half imported; the torch module is
-imported only when a method is built (or its class is asked for).
+Adding a method = one new file in this folder (plus its job file and its tests); the registry finds it, because
+importing this package imports every module of the folder whose name does not start with ``_``. Those imports
+load no torch (see :mod:`kd_cluster.methods.base`): checking a job file needs every method's settings and stays
+fast; torch is imported when a method is built.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import pkgutil
+from typing import Any
 
 from pydantic import ValidationError
 
-from kd_cluster.methods.settings import (ATConfig, CRDConfig, DMLConfig, FitNetConfig, FixedTeacherConfig,
-                                         FunMatchConfig, IEDMLConfig, IEKDConfig, IndependentViewsConfig, KDConfig,
-                                         MethodConfig, Needs, PADConfig, SSKDConfig, SupervisedConfig)
+from kd_cluster.methods.base import (METHODS, Method, MethodConfig, MethodError, Module, Needs, SetupInfo, StepOutputs,
+                                     all_gather_cat, lookup, mixed_cross_entropy, register, soft_kl)
 
-if TYPE_CHECKING:
-    from kd_cluster.methods.base import Method
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A method in the registry: its settings class and its torch module (``"file:Class"`` in this package,
-    imported on first use; or the class itself)."""
-
-    settings: type[MethodConfig]
-    implementation: str | type
-
-    def load(self) -> type[Method]:
-        """The method's class (imports its file, hence torch)."""
-        if not isinstance(self.implementation, str):
-            return self.implementation
-        module, cls = self.implementation.split(":")
-        return getattr(importlib.import_module(f"kd_cluster.methods.{module}"), cls)
+_NOT_METHODS = {"base"}
+_scanned: set[str] = set()
 
 
-METHODS: dict[str, Registered] = {
-    "supervised": Registered(SupervisedConfig, "supervised:Supervised"),
-    "kd": Registered(KDConfig, "kd:KD"),
-    "funmatch": Registered(FunMatchConfig, "funmatch:FunMatch"),
-    "fixed_teacher": Registered(FixedTeacherConfig, "funmatch:FixedTeacher"),
-    "independent_views": Registered(IndependentViewsConfig, "funmatch:IndependentViews"),
-    "fitnet": Registered(FitNetConfig, "fitnet:FitNet"),
-    "at": Registered(ATConfig, "at:AT"),
-    "pad": Registered(PADConfig, "pad:PAD"),
-    "crd": Registered(CRDConfig, "crd:CRD"),
-    "sskd": Registered(SSKDConfig, "sskd:SSKD"),
-    "ie_kd": Registered(IEKDConfig, "ie_kd:IEKD"),
-    "ie_dml": Registered(IEDMLConfig, "ie_kd:IEDML"),
-    "dml": Registered(DMLConfig, "dml:DML"),
-}
-
-
-class MethodError(ValueError):
-    """Unknown method or invalid method settings."""
-
-
-def _entry(name: str) -> Registered:
-    try:
-        return METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise MethodError(f"method.name: unknown method {name!r}{hint}; known: {', '.join(METHODS)}") from None
+def discover() -> None:
+    """Import every method module of this package (its ``@register`` lines run); also those of folders appended to
+    this package's ``__path__`` (methods kept outside the source tree). Each folder is scanned once."""
+    new = [p for p in __path__ if p not in _scanned]
+    for info in pkgutil.iter_modules(new):
+        if not info.name.startswith("_") and info.name not in _NOT_METHODS:
+            importlib.import_module(f"{__name__}.{info.name}")
+    _scanned.update(new)
 
 
 def method_class(name: str) -> type[Method]:
-    """The class registered under ``name`` (imports torch); MethodError lists the known names."""
-    entry = _entry(name)
-    cls = entry.load()
-    assert cls.Config is entry.settings, f"method {name!r}: {cls.__name__}.Config is not its registered settings"
-    return cls
+    """The class registered under ``name``; MethodError lists the known names."""
+    discover()
+    return lookup(name)
 
 
 def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
     """Validate a method's own settings; MethodError names the field and the allowed keys. No torch."""
-    settings = _entry(name).settings
+    settings = method_class(name).Config
     try:
         return settings.model_validate(params)
     except ValidationError as exc:
@@ -96,7 +55,7 @@ def method_config(name: str, params: dict[str, Any]) -> MethodConfig:
 
 
 def build_method(name: str, params: dict[str, Any]) -> Method:
-    """Instantiate a method from its name and settings."""
+    """Instantiate a method (a torch module) from its name and settings."""
     return method_class(name)(method_config(name, params))
 
 
@@ -105,17 +64,8 @@ def method_needs(name: str, params: dict[str, Any]) -> Needs:
     return method_config(name, params).needs()
 
 
-_TORCH_NAMES = {"Method": "base", "SetupInfo": "base", "StepOutputs": "base", "all_gather_cat": "base",
-                "mixed_cross_entropy": "base", "soft_kl": "base"}
+discover()
 
-
-def __getattr__(name: str) -> Any:
-    """The torch side of the package (the ``Method`` base class and its helpers), imported on first use."""
-    if name in _TORCH_NAMES:
-        return getattr(importlib.import_module(f"kd_cluster.methods.{_TORCH_NAMES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["METHODS", "Method", "MethodConfig", "MethodError", "Needs", "Registered", "SetupInfo", "StepOutputs",
-           "all_gather_cat", "build_method", "method_class", "method_config", "method_needs", "mixed_cross_entropy",
-           "soft_kl"]
+__all__ = ["METHODS", "Method", "MethodConfig", "MethodError", "Module", "Needs", "SetupInfo", "StepOutputs",
+           "all_gather_cat", "build_method", "discover", "method_class", "method_config", "method_needs",
+           "mixed_cross_entropy", "register", "soft_kl"]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from kd_cluster.methods.base import StepOutputs, mixed_cross_entropy, soft_kl
-from kd_cluster.methods.settings import CEKDConfig
+from kd_cluster.methods.base import F, MethodConfig, StepOutputs, mixed_cross_entropy, soft_kl, torch
+
+
+class CEKDConfig(MethodConfig):
+    """Weights of the label cross-entropy and of the optional logit KD a feature method adds to its own loss."""
+
+    ce_weight: float = Field(1.0, ge=0.0, description="Weight of the label cross-entropy (mixup-aware).")
+    kd_weight: float = Field(0.0, ge=0.0, description="Weight of T^2 * KL(p_t^T || p_s^T) on the logits (0: off).")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the KD term.")
 
 
 def ce_kd_terms(cfg: CEKDConfig, out: StepOutputs) -> dict[str, torch.Tensor]:

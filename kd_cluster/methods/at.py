@@ -15,12 +15,32 @@ resized to the teacher's (average-pooled when larger, bilinear when smaller) bef
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from kd_cluster.methods._terms import ce_kd_terms, resize_to
-from kd_cluster.methods.base import Method, StepOutputs
-from kd_cluster.methods.settings import ATConfig
+from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, resize_to
+from kd_cluster.methods.base import F, Method, Needs, StepOutputs, register, torch
+
+
+class ATConfig(CEKDConfig):
+    """Settings of ``at``."""
+
+    student_layers: list[str] = Field(min_length=1, description="Student feature taps (maps), e.g. "
+                                      "[layer1, layer2, layer3].")
+    teacher_layers: list[str] = Field(min_length=1, description="Teacher feature taps, paired in order with "
+                                      "student_layers.")
+    beta: float = Field(1000.0, ge=0.0, description="Attention loss weight; the loss uses beta / 2.")
+    p: float = Field(2.0, gt=0.0, description="Power of the activations in the attention map.")
+
+    @model_validator(mode="after")
+    def _paired(self) -> "ATConfig":
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(f"student_layers ({len(self.student_layers)}) and teacher_layers "
+                             f"({len(self.teacher_layers)}) must pair up one to one")
+        return self
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, labels=True, student_features=tuple(self.student_layers),
+                     teacher_features=tuple(self.teacher_layers))
 
 
 def attention_map(f: torch.Tensor, p: float, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -31,6 +51,7 @@ def attention_map(f: torch.Tensor, p: float, size: tuple[int, int] | None = None
     return F.normalize(a.flatten(1), dim=1)
 
 
+@register("at")
 class AT(Method):
     """Attention transfer over one or more feature groups."""
 

@@ -38,14 +38,28 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
+from pydantic import Field
 
-from kd_cluster.methods._terms import ce_kd_terms, pooled
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, all_gather_cat
-from kd_cluster.methods.settings import CRDConfig
+from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, pooled
+from kd_cluster.methods.base import F, Method, Needs, SetupInfo, StepOutputs, all_gather_cat, dist, nn, register, torch
+
+
+class CRDConfig(CEKDConfig):
+    """Settings of ``crd``."""
+
+    student_layer: str = Field(description="Student feature tap, pooled to a vector (the penultimate, e.g. flatten).")
+    teacher_layer: str = Field(description="Teacher feature tap, pooled to a vector.")
+    feat_dim: int = Field(128, ge=1, description="Embedding width of both memory banks.")
+    num_negatives: int = Field(16384, ge=1, description="Negatives K per sample (capped at N - 1).")
+    nce_temperature: float = Field(0.07, gt=0.0, description="Temperature tau of the scores.")
+    momentum: float = Field(0.5, ge=0.0, lt=1.0, description="Memory-bank momentum.")
+    crd_weight: float = Field(0.8, ge=0.0, description="Weight of the two NCE losses (their sum).")
+    negatives_seed: int = Field(0, ge=0, description="Seed of the negative sampling (with the step and rank).")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, labels=True, index=True, student_features=(self.student_layer,),
+                     teacher_features=(self.teacher_layer,))
+
 
 NCE_EPS = 1e-7
 
@@ -65,6 +79,7 @@ def momentum_update(bank: torch.Tensor, index: torch.Tensor, v: torch.Tensor, mo
     bank.index_copy_(0, index, F.normalize(rows, dim=1))
 
 
+@register("crd")
 class CRD(Method):
     """Contrastive distillation with student and teacher memory banks."""
 

@@ -19,12 +19,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.distributed as dist
-from torch import nn
+from pydantic import Field, field_validator
 
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
-from kd_cluster.methods.settings import DMLConfig
+from kd_cluster.methods.base import (Method, MethodConfig, Needs, SetupInfo, StepOutputs, check_arch, dist,
+                                     mixed_cross_entropy, nn, register, soft_kl, torch)
+
+
+class DMLConfig(MethodConfig):
+    """Settings of ``dml``."""
+
+    peers: list[str] = Field(min_length=1, description="Model names of the other students (the job's "
+                             "student is the first); each is trained from scratch alongside it.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of the mimicry KL (the paper: 1).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the mimicry KL (the paper: 1).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of every network's CE.")
+
+    @field_validator("peers")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        return [check_arch(a) for a in v]
+
+    def needs(self) -> Needs:
+        return Needs(teacher=False, labels=True)
 
 
 def build_peer(arch: str, info: SetupInfo, taps: Sequence[str] = ()) -> nn.Module:
@@ -75,6 +91,7 @@ def mutual_terms(logits: list[torch.Tensor], labels: torch.Tensor, lam: float, k
     return out
 
 
+@register("dml")
 class DML(Method):
     """Deep mutual learning of the job's student and the method's peers."""
 

@@ -18,14 +18,29 @@ from that stage's student (``student.weights: stage:hint``). Single-stage: hint 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Literal
 
-from kd_cluster.methods._terms import ce_kd_terms, resize_to
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs
-from kd_cluster.methods.settings import FitNetConfig
+from pydantic import Field
+
+from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, resize_to
+from kd_cluster.methods.base import Method, Needs, SetupInfo, StepOutputs, nn, register, torch
 
 
+class FitNetConfig(CEKDConfig):
+    """Settings of ``fitnet``."""
+
+    student_layer: str = Field(description="Student feature tap (the guided layer), e.g. layer2.")
+    teacher_layer: str = Field(description="Teacher feature tap (the hint layer), e.g. layer2.")
+    hint_weight: float = Field(100.0, ge=0.0, description="Weight of the hint loss (mean squared error).")
+    regressor: Literal["conv", "conv_bn"] = Field("conv", description="conv: 1x1 conv; conv_bn: 1x1 conv "
+                                                  "+ BatchNorm (a linear layer for vector features).")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, labels=True, student_features=(self.student_layer,),
+                     teacher_features=(self.teacher_layer,))
+
+
+@register("fitnet")
 class FitNet(Method):
     """Hint-based training through a learned regressor."""
 

@@ -12,13 +12,40 @@ between their predictions only, no labels. The paper's two baselines:
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from kd_cluster.methods.base import Method, StepOutputs, soft_kl
-from kd_cluster.methods.settings import FixedTeacherConfig, FunMatchConfig, IndependentViewsConfig
+from kd_cluster.methods.base import F, Method, MethodConfig, Needs, StepOutputs, register, soft_kl, torch
 
 
+class FunMatchConfig(MethodConfig):
+    """Settings of the function-matching family: loss = T^2 * KL(p_t^T || p_s^T)."""
+
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T (the paper uses 1).")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, teacher_view="same", labels=False,
+                     live_teacher="function matching trains on the teacher's prediction for the very image the "
+                     "student sees, cropped and mixed anew at every step; stored labels hold predictions for crops "
+                     "fixed in advance")
+
+
+class FixedTeacherConfig(FunMatchConfig):
+    """Settings of ``fixed_teacher`` (the function-matching baseline whose teacher sees the center crop)."""
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, teacher_view="center", labels=False)
+
+
+class IndependentViewsConfig(FunMatchConfig):
+    """Settings of ``independent_views`` (the baseline whose teacher sees an independent crop)."""
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, teacher_view="independent", labels=False,
+                     live_teacher="independent_views needs the teacher's prediction on a second crop drawn anew at "
+                     "every step, mixed like the student's")
+
+
+@register("funmatch")
 class FunMatch(Method):
     """Consistent views + mixup, KL only."""
 
@@ -29,6 +56,7 @@ class FunMatch(Method):
         return {"kl": soft_kl(out.student_logits, out.teacher_logits, self.cfg.temperature)}
 
 
+@register("fixed_teacher")
 class FixedTeacher(Method):
     """Baseline: the teacher's target comes from the un-augmented center crop."""
 
@@ -42,6 +70,7 @@ class FixedTeacher(Method):
         return {"kl": soft_kl(out.student_logits, out.teacher_logits, self.cfg.temperature, teacher_probs=p_t)}
 
 
+@register("independent_views")
 class IndependentViews(FunMatch):
     """Baseline: teacher and student get independently drawn crops of the same image."""
 

@@ -31,13 +31,67 @@ detached prediction), plus inheritance from and exploration away from the other 
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import Literal
 
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs, mixed_cross_entropy, soft_kl
+from pydantic import Field, field_validator
+
+from kd_cluster.methods.base import (F, Method, MethodConfig, Module, Needs, SetupInfo, StepOutputs, check_arch,
+                                     mixed_cross_entropy, nn, register, soft_kl, torch)
 from kd_cluster.methods.dml import HitCounter, broadcast_from_rank0, build_peer
-from kd_cluster.methods.settings import IEDMLConfig, IEKDConfig, Variant
+
+Variant = Literal["at", "ft", "od"]
+
+
+class IEConfig(MethodConfig):
+    """Settings shared by ``ie_kd`` and ``ie_dml``."""
+
+    variant: Variant = Field("at", description="Distance between factors: at (attention maps), ft (L1 of "
+                             "L2-normalised factors), od (L2 of ReLU'd, normalised factors).")
+    factor_ratio: float = Field(0.5, gt=0, le=4, description="Factor channels = round(ratio x the compacted "
+                                "feature's channels).")
+    inh_weight: float = Field(1.0, ge=0, description="Weight of the inheritance loss.")
+    exp_weight: float = Field(1.0, ge=0, description="Weight of the exploration loss (entered negated).")
+
+    def factor_channels(self, channels: int) -> int:
+        return max(1, round(self.factor_ratio * channels))
+
+
+class IEKDConfig(IEConfig):
+    """Settings of ``ie_kd``."""
+
+    phase: Literal["autoencoder", "student"] = Field("student", description="'autoencoder': train the "
+                                                     "auto-encoder on the frozen teacher (a stage of its own); "
+                                                     "'student': distill, with init: stage:<autoencoder stage>.")
+    teacher_layer: str = Field("stage3", description="Feature tap of the teacher's feature map to compact.")
+    student_layer: str = Field("stage3", description="Feature tap of the student's feature map to split "
+                               "(same spatial size as the teacher's).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the CE.")
+
+    def needs(self) -> Needs:
+        if self.phase == "autoencoder":
+            return Needs(teacher=True, student=False, teacher_features=(self.teacher_layer,))
+        return Needs(teacher=True, labels=True, student_features=(self.student_layer,),
+                     teacher_features=(self.teacher_layer,))
+
+
+class IEDMLConfig(IEConfig):
+    """Settings of ``ie_dml``."""
+
+    peer_arch: str = Field(description="Model name of the second student (trained from scratch with the first).")
+    student_layer: str = Field("stage3", description="Feature tap of the job's student.")
+    peer_layer: str = Field("stage3", description="Feature tap of the peer (same spatial size as the student's).")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of the mutual-learning KL.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the mutual-learning KL.")
+    rec_weight: float = Field(1.0, ge=0, description="Weight of each auto-encoder's reconstruction loss.")
+
+    @field_validator("peer_arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_arch(v)
+
+    def needs(self) -> Needs:
+        return Needs(teacher=False, labels=True, student_features=(self.student_layer,))
+
 
 def coder(c_in: int, c_out: int) -> nn.Sequential:
     """Three conv3x3-BN-LeakyReLU(0.1) layers, c_in -> c_out, same spatial size (one half of the auto-encoder)."""
@@ -47,7 +101,7 @@ def coder(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(Module):
     """encoder: C -> F channels (the factor); decoder: F -> C."""
 
     def __init__(self, channels: int, factor_channels: int) -> None:
@@ -85,7 +139,7 @@ def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :half], x[:, half:]
 
 
-class Explorer(nn.Module):
+class Explorer(Module):
     """A network's inheritance and exploration encoders: its feature halves -> two factors."""
 
     def __init__(self, channels: int, factor_channels: int) -> None:
@@ -109,6 +163,7 @@ def _check_spatial(student: torch.Tensor, target: torch.Tensor, what: str) -> No
                          f"{tuple(target.shape[-2:])}); choose layers with the same resolution")
 
 
+@register("ie_kd")
 class IEKD(Method):
     """Inheritance and exploration from a compacted, frozen teacher."""
 
@@ -150,6 +205,7 @@ class IEKD(Method):
         }
 
 
+@register("ie_dml")
 class IEDML(Method):
     """Two students learning mutually, each inheriting from and exploring away from the other's factors."""
 

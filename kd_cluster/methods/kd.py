@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import torch
+from pydantic import Field
 
-from kd_cluster.methods.base import Method, StepOutputs, mixed_cross_entropy, soft_kl
-from kd_cluster.methods.settings import KDConfig
+from kd_cluster.methods.base import (Method, MethodConfig, Needs, StepOutputs, mixed_cross_entropy, register, soft_kl,
+                                     torch)
 
 
+class KDConfig(MethodConfig):
+    """Settings of ``kd``: loss = alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE."""
+
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T.")
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="Weight of the KL term; CE gets 1 - alpha.")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, teacher_view="same", labels=True)
+
+
+@register("kd")
 class KD(Method):
     """Classic KD; teacher and student see the same input."""
 

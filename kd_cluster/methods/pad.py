@@ -21,14 +21,32 @@ global averages of the tapped maps (a vector tap such as ``flatten`` is used as 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Literal
 
-from kd_cluster.methods._terms import ce_kd_terms, pooled
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs
-from kd_cluster.methods.settings import PADConfig
+from pydantic import Field
+
+from kd_cluster.methods._terms import CEKDConfig, ce_kd_terms, pooled
+from kd_cluster.methods.base import Method, Needs, SetupInfo, StepOutputs, nn, register, torch
 
 
+class PADConfig(CEKDConfig):
+    """Settings of ``pad``."""
+
+    student_layer: str = Field(description="Student feature tap, pooled to a vector (e.g. flatten, layer3).")
+    teacher_layer: str = Field(description="Teacher feature tap, pooled to a vector.")
+    mode: Literal["pad", "l2"] = Field("pad", description="pad: uncertainty-weighted distance; l2: plain "
+                                       "feature L2 through the connector (the warm-up stage).")
+    feature_weight: float = Field(1.0, ge=0.0, description="Weight of the feature term.")
+    eps: float = Field(1e-6, gt=0.0, description="Added to sigma^2 in the denominator.")
+    warmup_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the stage's steps over which "
+                                   "the uncertainty weighting ramps in linearly (0: from the first step).")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=True, labels=True, student_features=(self.student_layer,),
+                     teacher_features=(self.teacher_layer,))
+
+
+@register("pad")
 class PAD(Method):
     """Uncertainty-weighted feature distillation with a learned per-dimension variance."""
 

@@ -28,12 +28,40 @@ must be off: the similarity task needs each view's source to be one image.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import Literal
 
-from kd_cluster.methods.base import Method, SetupInfo, StepOutputs
-from kd_cluster.methods.settings import SSKDConfig
+from pydantic import Field
+
+from kd_cluster.methods.base import F, Method, MethodConfig, Needs, SetupInfo, StepOutputs, nn, register, torch
+
+
+class SSKDConfig(MethodConfig):
+    """Settings of ``sskd``."""
+
+    phase: Literal["head", "student"] = Field("student", description="'head': train the teacher's "
+                                              "self-supervision head on the frozen teacher (a stage of its "
+                                              "own); 'student': distill, with the head from init: stage:<head stage>.")
+    teacher_layer: str = Field("flatten", description="Feature tap of the teacher's pooled feature (the "
+                               "input of its classifier).")
+    student_layer: str = Field("flatten", description="Feature tap of the student's pooled feature.")
+    ce_weight: float = Field(0.1, ge=0, description="Weight of the label CE on the originals.")
+    kd_weight: float = Field(0.9, ge=0, description="Weight of the KD term on the originals.")
+    tf_weight: float = Field(2.7, ge=0, description="Weight of the KD term on the rotated views.")
+    ss_weight: float = Field(10.0, ge=0, description="Weight of the similarity-matrix KL.")
+    kd_temperature: float = Field(4.0, gt=0, description="Temperature of the KD term on the originals.")
+    tf_temperature: float = Field(4.0, gt=0, description="Temperature of the KD term on the rotated views.")
+    ss_temperature: float = Field(0.5, gt=0, description="Temperature of the similarity-matrix KL.")
+    tf_keep: float = Field(1.0, ge=0, le=1, description="Fraction of the rotated views the teacher "
+                           "classifies wrongly that are kept (those whose true label ranks highest).")
+    ss_keep: float = Field(0.75, ge=0, le=1, description="Fraction of the similarity rows the teacher's "
+                           "head gets wrong that are kept (those whose true source ranks highest).")
+
+    def needs(self) -> Needs:
+        if self.phase == "head":
+            return Needs(teacher=True, student=False, teacher_features=(self.teacher_layer,))
+        return Needs(teacher=True, labels=True, student_features=(self.student_layer,),
+                     teacher_features=(self.teacher_layer,))
+
 
 VIEWS = 4
 """The original and its rotations by 90, 180 and 270 degrees."""
@@ -90,6 +118,7 @@ def projection_head(dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
 
 
+@register("sskd")
 class SSKD(Method):
     """Self-supervised views + similarity-matrix distillation with filtered teacher errors."""
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+from pydantic import Field
 
-from kd_cluster.methods.base import Method, StepOutputs, mixed_cross_entropy
-from kd_cluster.methods.settings import SupervisedConfig
+from kd_cluster.methods.base import Method, MethodConfig, Needs, StepOutputs, mixed_cross_entropy, register, torch
 
 
+class SupervisedConfig(MethodConfig):
+    """Settings of ``supervised``."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the CE.")
+
+    def needs(self) -> Needs:
+        return Needs(teacher=False, labels=True)
+
+
+@register("supervised")
 class Supervised(Method):
     """Cross-entropy on the labels (mixup-aware); no teacher."""
 
