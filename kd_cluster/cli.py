@@ -374,32 +374,71 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_bench_fidelity(a: argparse.Namespace) -> int:
-    from kd_cluster.bench.fidelity import FULL, METHODS, QUICK, FidelityError, run_fidelity
+    from kd_cluster.bench.fidelity import FULL, METHODS, QUICK, FidelityError, load_tuned, run_fidelity
 
     preset = QUICK if a.quick else FULL
     seeds = _int_list(a.seeds, "--seeds") if a.seeds else list(preset["seeds"])
     budgets = _int_list(a.budgets, "--budgets") if a.budgets else list(preset["budgets"])
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else list(METHODS)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()] if a.variants else []
     teacher_steps = a.teacher_steps or int(preset["teacher_steps"])
     if min(budgets) < 1 or teacher_steps < 1:
         raise UsageError("--budgets and --teacher-steps are steps: >= 1")
+    if a.preempt < 0:
+        raise UsageError("--preempt is a number of kills: >= 0")
     out = Path(a.out)
     jobs = Path(a.jobs_dir) if a.jobs_dir else _jobs_dir() / "fashion_mnist"
     console.print(f"bench fidelity: {len(methods)} methods + scratch, seeds {seeds}, budgets {budgets} (later "
-                  f"budgets: scratch and the function-matching family), teacher {teacher_steps} steps; "
-                  f"students trained on the {a.train_split} split{f' as {a.student}' if a.student else ''}, "
-                  f"evaluated on the {a.eval_split} split of {a.dataset}; runs under {out / 'runs'}", soft_wrap=True)
+                  f"budgets: {'every method' if a.all_budgets else 'scratch and the function-matching family'}), "
+                  f"teacher {teacher_steps} steps; students trained on the {a.train_split} split"
+                  f"{f' as {a.student}' if a.student else ''}, evaluated on the {a.eval_split} split of {a.dataset}; "
+                  f"runs under {out / 'runs'}", soft_wrap=True)
     try:
+        tuned = load_tuned(a.tuned) if a.tuned else None
         res = run_fidelity(jobs_dir=jobs, out=out, methods=methods, seeds=seeds, budgets=budgets,
                            teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
-                           train_split=a.train_split, student=a.student,
-                           on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method} seed {c.seed}, "
-                                                                f"{c.budget} steps ({c.run})"))
+                           train_split=a.train_split, student=a.student, all_budgets=a.all_budgets, tuned=tuned,
+                           variants=variants, preempt=a.preempt, runs_dir=Path(a.runs) if a.runs else None,
+                           on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method}{f' + {c.variant}' if c.variant else ''}"
+                                                                f" seed {c.seed}, {c.steps} steps ({c.run})"))
     except FidelityError as exc:
         raise UsageError(str(exc)) from None
     console.print(res.table, soft_wrap=True)
+    if res.preempted:
+        p = res.preempted
+        console.print(f"preempted {p['run']}: killed after steps {[k['killed_after_step'] for k in p['kills']]}; final "
+                      f"weights {'EQUAL to' if p['equal'] else 'DIFFERENT from'} {p['uninterrupted']} "
+                      f"(SHA-256 {p['sha256_preempted'][:16]}...)", soft_wrap=True)
     console.print(f"wall time {res.wall_s:.0f} s; wrote {out / 'table.md'}, {out / 'runs.csv'}, {out / 'fidelity.png'}",
                   soft_wrap=True)
+    return 0
+
+
+def cmd_bench_tune(a: argparse.Namespace) -> int:
+    from kd_cluster.bench.fidelity import FidelityError
+    from kd_cluster.bench.tune import load_space, run_tune
+
+    try:
+        space = load_space(a.space)
+        chosen = run_tune(space=space, out=Path(a.out), budget=a.budget, seed=a.seed, dataset=a.dataset,
+                          eval_split=a.eval_split, train_split=a.train_split, student=a.student,
+                          teacher_weights=a.teacher_weights, own_images=a.own_images,
+                          on_run=lambda p, i: console.print(f"[{i + 1}] round {p.round}: {p.name} ({p.cell.run})",
+                                                            soft_wrap=True, markup=False))
+    except FidelityError as exc:
+        raise UsageError(str(exc)) from None
+    console.print((Path(a.out) / "tune.md").read_text(), soft_wrap=True, markup=False)
+    steps = f" with steps x{chosen['steps_factor']:g}" if chosen["steps_factor"] != 1 else ""
+    console.print(f"chosen: {', '.join(chosen['overrides']) or '(the job as it is)'}{steps}; wrote "
+                  f"{Path(a.out) / 'chosen.json'} (for bench fidelity --tuned) and probes.csv", soft_wrap=True,
+                  markup=False)
+    return 0
+
+
+def cmd_bench_table(a: argparse.Namespace) -> int:
+    from kd_cluster.bench.tables import render_all
+
+    print(render_all(a.files))
     return 0
 
 
@@ -775,7 +814,37 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--out", default="./fidelity", help="output folder: runs/, table.md, runs.csv, fidelity.png")
     bf.add_argument("--jobs-dir", default=None, help="job files <method>.yaml, scratch.yaml, teacher.yaml "
                     "(default: the repository's jobs/fashion_mnist)")
+    bf.add_argument("--runs", default=None, help="folder of the runs (default <out>/runs); benchmarks given the "
+                    "same folder reuse each other's finished runs (the teacher among them)")
+    bf.add_argument("--all-budgets", action="store_true", help="every method at every budget (default: later "
+                    "budgets train scratch and the function-matching family only)")
+    bf.add_argument("--tuned", default=None, metavar="CHOSEN_JSON", help="the from-scratch student's settings chosen "
+                    "by `kd-cluster bench tune` (its chosen.json): adds that student to every table, as the baseline "
+                    "methods must beat")
+    bf.add_argument("--variants", default=None, help="comma-separated optimizer variants run at the longest budget "
+                    "for scratch (the tuned one, with --tuned) and funmatch: shampoo")
+    bf.add_argument("--preempt", type=int, default=0, metavar="N", help="then train the longest funmatch run of "
+                    "the first seed again, SIGKILLed N times at random moments, and compare its final weights with "
+                    "the uninterrupted run's")
     bf.set_defaults(fn=cmd_bench_fidelity)
+    bn = bsub.add_parser("tune", help="choose a job's settings on the val split: a coordinate search (or a list of "
+                         "probes) from a search space file, every probe a run with a results row")
+    bn.add_argument("space", help="search space file (YAML: job, factors or probes), e.g. "
+                    "jobs/fashion_mnist/search/scratch_few.yaml")
+    bn.add_argument("--budget", type=int, required=True, help="student steps of every probe (times steps_factor)")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--dataset", default="fashion-mnist")
+    bn.add_argument("--eval-split", default="val", help="split the probes are judged on (default val)")
+    bn.add_argument("--train-split", default="train", help="split the probes train on (default train)")
+    bn.add_argument("--student", default=None, help="student model of every probe (default: the job's)")
+    bn.add_argument("--teacher-weights", default=None, help="the teacher of a method that distills (a "
+                    "model.safetensors, e.g. of bench fidelity's teacher run)")
+    bn.add_argument("--own-images", action="store_true", help="also each probe's top-1 on the images it trained on")
+    bn.add_argument("--out", default="./tune", help="output folder: runs/, probes.csv, chosen.json, tune.md")
+    bn.set_defaults(fn=cmd_bench_tune)
+    bb = bsub.add_parser("table", help="the markdown table of bench fidelity runs.csv or bench tune probes.csv files")
+    bb.add_argument("files", nargs="+")
+    bb.set_defaults(fn=cmd_bench_table)
     bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
     bc.add_argument("--arch", default="resnet50")
     bc.add_argument("--optimizer", default="shampoo", choices=["shampoo", "adamw", "sgd"])

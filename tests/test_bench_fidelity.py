@@ -29,7 +29,8 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
     r = bench(tmp_path, *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
-    rows = list(csv.DictReader((out / "runs.csv").open()))
+    teacher, *rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert teacher["method"] == "teacher" and teacher["budget"] == "3" and teacher["run"] == "fmnist-teacher-3"
     # budget 3: scratch, kd, funmatch; budget 6: scratch and funmatch only (kd is not of the long family); 2 seeds
     cells = sorted((r["method"], int(r["budget"]), int(r["seed"])) for r in rows)
     assert cells == sorted([(m, 3, s) for m in ("scratch", "kd", "funmatch") for s in (0, 1)]
@@ -56,12 +57,12 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
     assert any(ln.startswith("| kd | 3 | 2 | ") for ln in lines) and any(ln.startswith("| funmatch | 6 | 2 |") for ln in lines)
     with Image.open(out / "fidelity.png") as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
-    assert "scratch (CE only)" in r.stdout and "wall time" in r.stdout
+    assert "scratch (untuned, CE only)" in r.stdout and "wall time" in r.stdout
 
     # a second call trains nothing: the teacher and every cell are found finished and reused
     r = bench(tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = list(csv.DictReader((out / "runs.csv").open()))
+    again = list(csv.DictReader((out / "runs.csv").open()))[1:]
     assert [x["reused"] for x in again] == ["1"] * len(rows)
     assert [x["top1"] for x in again] == [x["top1"] for x in rows]
 
@@ -88,8 +89,9 @@ def test_bench_fidelity_end_to_end(tmp_path: Path) -> None:
     assert "reused here" in (out / "table.md").read_text()
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [(x["method"], x["run"], x["reused"]) for x in rows] == [
-        ("scratch", "fmnist-train500-cnn_s-scratch-b3-s0", "0"), ("dml", "fmnist-train500-cnn_s-dml-b3-s0", "0")]
-    dml = json.loads((out / "runs" / rows[1]["run"] / "job.json").read_text())["spec"]
+        ("teacher", "fmnist-teacher-3", "1"), ("scratch", "fmnist-train500-cnn_s-scratch-b3-s0", "0"),
+        ("dml", "fmnist-train500-cnn_s-dml-b3-s0", "0")]
+    dml = json.loads((out / "runs" / rows[2]["run"] / "job.json").read_text())["spec"]
     assert dml["student"]["arch"] == "cnn_s" and dml["method"]["peers"] == ["cnn_s"]
     assert dml["data"]["train"] == "builtin://fashion-mnist/train500"
     r = bench(tmp_path, "--methods", "kd", "--seeds", "0", "--budgets", "3", "--student", "nope")
@@ -162,3 +164,78 @@ def test_few_labels_recipes_differ_only_where_they_say() -> None:
     kd = load_job(full / "kd.yaml").method
     same_kd = {"ce_weight": 1 - kd.alpha, "kd_weight": kd.alpha, "temperature": kd.temperature}
     assert changed == {"at": same_kd, "crd": same_kd, "sskd": {"ce_weight": 1.0}}
+
+
+def test_holm_and_the_win_rule() -> None:
+    """Holm's step-down adjustment on a known family; a method wins only with > 2σ and Holm p < 0.05."""
+    from kd_cluster.bench.fidelity import Cell, compare, holm, win_counts
+
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    assert adj["a"] == 0.03 and adj["c"] == 0.06 and adj["b"] == 0.06 and adj["d"] != adj["d"]  # 3x, 2x, then monotone
+
+    def cells(method: str, values: list[float]) -> list[Cell]:
+        return [Cell(method, s, 10, f"{method}{s}", "j", [], v) for s, v in enumerate(values)]
+
+    base = cells("scratch_tuned", [0.80, 0.81, 0.79]) + cells("scratch", [0.70, 0.71, 0.69])
+    big = cells("kd", [0.90, 0.91, 0.89])           # far above: > 2σ and p tiny
+    noisy = cells("funmatch", [0.70, 0.95, 0.88])   # mean above, spread too large for 2σ
+    close = cells("fitnet", [0.815, 0.825, 0.805])  # > 2σ? no: margin 0.015 < 2 x 0.01
+    res = compare(base + big + noisy + close)
+    assert res[("kd", 10, "")].wins and res[("kd", 10, "")].p_holm < 0.01
+    assert not res[("funmatch", 10, "")].wins and not res[("fitnet", 10, "")].wins
+    assert res[("scratch", 10, "")].margin < 0  # the untuned baseline is compared with the tuned one too
+    from scipy.stats import ttest_ind
+
+    raw = ttest_ind([0.90, 0.91, 0.89], [0.80, 0.81, 0.79], equal_var=False, alternative="greater").pvalue
+    assert abs(res[("kd", 10, "")].p - raw) < 1e-12
+    assert win_counts(base + big + noisy + close) == {(10, ""): (1, 3)}  # the untuned scratch is not a method
+
+
+def test_tune_then_fidelity_against_the_tuned_baseline(tmp_path: Path) -> None:
+    """bench tune's coordinate search writes a results row per probe and the chosen settings; bench fidelity with
+    them trains the tuned scratch student next to the untuned one at every budget (--all-budgets: every method),
+    a Shampoo variant at the longest, and a preempted copy of the longest funmatch run, killed twice, that ends
+    with the uninterrupted run's weights; `bench table` regenerates the table from runs.csv."""
+    write_idx_set(tmp_path / "fm", n_train=300, n_test=40)
+    space = tmp_path / "space.yaml"
+    space.write_text(f"job: {Path(__file__).resolve().parent.parent / 'jobs' / 'fashion_mnist' / 'scratch.yaml'}\n"
+                     "factors:\n  optimizer.lr: [0.006, 0.03]\n  method.label_smoothing: [0.0, 0.1]\n"
+                     "  steps_factor: [1, 2]\n")
+    env = {**os.environ, "KD_CLUSTER_FASHION_MNIST": str(tmp_path / "fm"), "KD_CLUSTER_CACHE": str(tmp_path / "cache"),
+           "WANDB_MODE": "disabled"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kd_cluster.cli", "bench", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600, env=env, cwd=tmp_path)
+    r = run("tune", str(space), "--budget", "4", "--out", str(tmp_path / "tune"), "--own-images")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    probes = list(csv.DictReader((tmp_path / "tune" / "probes.csv").open()))
+    assert [p["round"] for p in probes][:4] == ["0", "1", "1", "1"] and len(probes) in (4, 5, 6, 7)
+    assert [p["steps"] for p in probes][:4] == ["4", "4", "4", "8"]
+    assert all(0 <= float(p["val_top1"]) <= 1 and 0 <= float(p["own_images_top1"]) <= 1 for p in probes)
+    assert sum(p["chosen"] == "1" for p in probes) == 1
+    chosen = json.loads((tmp_path / "tune" / "chosen.json").read_text())
+    best = max(float(p["val_top1"]) for p in probes)
+    assert chosen["val_top1"] == best and chosen["probes"] == len(probes)
+
+    (tmp_path / "chosen.json").write_text(json.dumps({"overrides": ["method.label_smoothing=0.1"], "steps_factor": 2}))
+    r = run("fidelity", "--out", str(tmp_path / "out"), "--methods", "funmatch", "--seeds", "0,1", "--budgets", "3,40",
+            "--teacher-steps", "3", "--tuned", str(tmp_path / "chosen.json"), "--all-budgets", "--variants", "shampoo",
+            "--preempt", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert rows[0]["method"] == "teacher"
+    cells = sorted((r["method"], int(r["budget"]), r["variant"], int(r["steps"])) for r in rows[1:] if r["seed"] == "0")
+    assert cells == sorted([("scratch", 3, "", 3), ("scratch_tuned", 3, "", 6), ("funmatch", 3, "", 3),
+                            ("scratch", 40, "", 40), ("scratch_tuned", 40, "", 80), ("funmatch", 40, "", 40),
+                            ("scratch_tuned", 40, "shampoo", 80), ("funmatch", 40, "shampoo", 40)])
+    tuned = next(r for r in rows if r["method"] == "scratch_tuned")
+    assert "method.label_smoothing=0.1" in tuned["command"] and "schedule.steps=6" in tuned["command"]
+    shampoo = next(r for r in rows if r["variant"] == "shampoo")
+    assert "optimizer.name=shampoo" in shampoo["command"]
+    table = (out / "table.md").read_text()
+    assert "| method | steps | seeds | top-1 mean ± std | vs tuned scratch | > 2σ | p (Holm) | wins | per seed |" in table
+    assert "| scratch (tuned) + shampoo | 80 | 2 |" in table and "Methods that win" in table
+    pre = json.loads((out / "preempted.json").read_text())
+    assert len(pre["kills"]) >= 1 and pre["equal"] is True, pre  # a kill drawn late can find the run finished
+    r = run("table", str(out / "runs.csv"))
+    assert r.returncode == 0 and r.stdout.strip() in table, r.stdout + r.stderr
