@@ -399,6 +399,7 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
                            teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
                            train_split=a.train_split, student=a.student, all_budgets=a.all_budgets, tuned=tuned,
                            variants=variants, preempt=a.preempt, runs_dir=Path(a.runs) if a.runs else None,
+                           own_images=a.own_images,
                            on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method}{f' + {c.variant}' if c.variant else ''}"
                                                                 f" seed {c.seed}, {c.steps} steps ({c.run})"))
     except FidelityError as exc:
@@ -436,9 +437,14 @@ def cmd_bench_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_bench_table(a: argparse.Namespace) -> int:
-    from kd_cluster.bench.tables import render_all
+    from kd_cluster.bench.tables import refresh, render_all
 
-    print(render_all(a.files))
+    if a.refresh:
+        doc = Path(a.refresh)
+        doc.write_text(refresh(doc.read_text(), doc.parent))
+        console.print(f"{doc}: every results block generated again from its file", soft_wrap=True)
+    if a.files:
+        print(render_all(a.files))
     return 0
 
 
@@ -816,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the repository's jobs/fashion_mnist)")
     bf.add_argument("--runs", default=None, help="folder of the runs (default <out>/runs); benchmarks given the "
                     "same folder reuse each other's finished runs (the teacher among them)")
+    bf.add_argument("--own-images", action="store_true", help="also each student's top-1 on the images it trained "
+                    "on (runs.csv's own_images_top1; kept in each run folder, so a later call adds it to reused runs)")
     bf.add_argument("--all-budgets", action="store_true", help="every method at every budget (default: later "
                     "budgets train scratch and the function-matching family only)")
     bf.add_argument("--tuned", default=None, metavar="CHOSEN_JSON", help="the from-scratch student's settings chosen "
@@ -843,7 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default="./tune", help="output folder: runs/, probes.csv, chosen.json, tune.md")
     bn.set_defaults(fn=cmd_bench_tune)
     bb = bsub.add_parser("table", help="the markdown table of bench fidelity runs.csv or bench tune probes.csv files")
-    bb.add_argument("files", nargs="+")
+    bb.add_argument("files", nargs="*")
+    bb.add_argument("--refresh", default=None, metavar="MARKDOWN", help="rewrite every <!-- results: PATH --> block "
+                    "of this document (README.md) from its results file")
     bb.set_defaults(fn=cmd_bench_table)
     bc = bsub.add_parser("checkpoint", help="checkpoint bytes, training stall, upload and restore seconds")
     bc.add_argument("--arch", default="resnet50")

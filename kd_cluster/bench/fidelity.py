@@ -78,6 +78,8 @@ class Cell:
     """'' (the job's optimizer) or a key of :data:`VARIANTS`."""
     steps: int = 0
     """Steps the run trained (the budget, unless the tuned baseline chose another schedule); 0: the budget."""
+    own_top1: float = float("nan")
+    """Top-1 of the final student on the images it trained on (clean centre crops), when measured."""
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -132,6 +134,16 @@ def student_overrides(method: str, student: str | None) -> list[str]:
     elif method == "ie_dml":
         over.append(f"method.peer_arch={student}")
     return over
+
+
+def shown_path(path: str | Path) -> str:
+    """A job file's path as runs.csv records it: relative to this directory when inside it (commands that read
+    the same wherever the repository is), else as it is."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
 
 
 def schedule_overrides(steps: int) -> list[str]:
@@ -200,7 +212,7 @@ def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: li
                     over += [f"stages.{aux}.set.schedule.steps={aux_steps}",
                              f"stages.{aux}.set.schedule.warmup_steps={max(0, aux_steps // 20)}"]
                 over += VARIANTS[variant] if variant else []
-                cells.append(Cell(method, seed, budget, run, str(job), over, variant=variant, steps=steps))
+                cells.append(Cell(method, seed, budget, run, shown_path(job), over, variant=variant, steps=steps))
     return cells
 
 
@@ -258,6 +270,22 @@ def run_cell(cell: Cell, spec: Any) -> None:
     cell.skipped = last in res.skipped
     cell.wall_s = float(res.stages[last].get("wall_s", time.perf_counter() - t1)) if cell.skipped else \
         time.perf_counter() - t1
+
+
+def own_images_top1(cell: Cell, train: str) -> float:
+    """The cell's final student on the split it trained on, clean centre crops: how tightly it fits its own images
+    (next to its eval top-1: does it overfit, or underfit?). Kept in the run folder (``own_images.json``)."""
+    from kd_cluster.results.evaluate import evaluate
+    from kd_cluster.results.target import from_run
+
+    runs = next(o.split("=", 1)[1] for o in cell.overrides if o.startswith("storage.path="))
+    cache = Path(runs) / cell.run / "own_images.json"
+    if cache.is_file():
+        doc = json.loads(cache.read_text())
+        if doc.get("data") == train:
+            return float(doc["top1"])
+    res = evaluate(from_run(cell.run, runs, None, None), train, str(cache), loader_workers=0)
+    return float(res["top1"])
 
 
 def summarize(cells: list[Cell]) -> dict[tuple[str, int, str], tuple[float, float, int]]:
@@ -407,7 +435,7 @@ def _fmt(v: float | None) -> str:
 
 
 CSV_COLUMNS = ["method", "seed", "budget", "top1", "val_agreement", "train_batch_agreement", "wall_s", "reused", "run",
-               "job", "loss_terms", "command", "variant", "steps"]
+               "job", "loss_terms", "command", "variant", "steps", "own_images_top1"]
 """runs.csv; the teacher is the row whose method is ``teacher`` (budget: its steps)."""
 
 
@@ -423,7 +451,7 @@ def write_csv(cells: list[Cell], path: Path, teacher: Cell | None = None) -> Non
             terms = " ".join(f"{k}={v:.4g}" for k, v in sorted(loss_terms(c.metrics).items()))
             w.writerow([c.method, c.seed, c.budget, f"{c.top1:.6f}", _fmt(c.metrics.get("eval/agreement")),
                         _fmt(c.metrics.get("train/teacher_agreement")), f"{c.wall_s:.1f}", int(c.skipped), c.run,
-                        c.job, terms, cmd, c.variant, c.steps or c.budget])
+                        c.job, terms, cmd, c.variant, c.steps or c.budget, _fmt(c.own_top1)])
 
 
 def read_csv(*paths: Path) -> tuple[list[Cell], float, int]:
@@ -438,7 +466,8 @@ def read_csv(*paths: Path) -> tuple[list[Cell], float, int]:
                            if r.get(col)}
                 cell = Cell(r["method"], int(r["seed"]), int(r["budget"]), r["run"], r["job"],
                             r["command"].split()[4:], float(r["top1"]), float(r["wall_s"]), r["reused"] == "1",
-                            metrics, r.get("variant") or "", int(r.get("steps") or r["budget"]))
+                            metrics, r.get("variant") or "", int(r.get("steps") or r["budget"]),
+                            float(r.get("own_images_top1") or "nan"))
                 if cell.method == "teacher":
                     teacher_top1, teacher_steps = cell.top1, cell.budget
                 else:
@@ -464,6 +493,18 @@ def agreement_table(cells: list[Cell]) -> str:
         rows.append(f"| {label(key[0], key[2])} | {key[1]} | {_mean_std([c.top1 for c in cs])} | "
                     f"{_mean_std([c.metrics.get('train/teacher_agreement', math.nan) for c in cs])} | "
                     f"{_mean_std([c.metrics.get('eval/agreement', math.nan) for c in cs])} |")
+    return "\n".join(rows)
+
+
+def fit_table(cells: list[Cell]) -> str:
+    """Per method and budget: top-1 on the images the students trained on next to top-1 on the eval split, and
+    the gap (a student far better on its own images overfits them; one no better on them underfits)."""
+    rows = ["| method | steps | own images top-1 | eval top-1 | gap |", "|---|---|---|---|---|"]
+    for key in sorted({c.key for c in cells if not math.isnan(c.own_top1)}, key=_order):
+        cs = [c for c in cells if c.key == key]
+        gap = statistics.fmean(c.own_top1 - c.top1 for c in cs)
+        rows.append(f"| {label(key[0], key[2])} | {cs[0].steps or key[1]} | {_mean_std([c.own_top1 for c in cs])} | "
+                    f"{_mean_std([c.top1 for c in cs])} | {gap * 100:+.2f} |")
     return "\n".join(rows)
 
 
@@ -535,10 +576,11 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
                  teacher_steps: int, dataset: str = "fashion-mnist", eval_split: str = "test",
                  train_split: str = "train", student: str | None = None, prefix: str | None = None,
                  all_budgets: bool = False, tuned: Tuned | None = None, variants: Sequence[str] = (),
-                 preempt: int = 0, runs_dir: Path | None = None,
+                 preempt: int = 0, runs_dir: Path | None = None, own_images: bool = False,
                  on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
     """Train the teacher (once, on ``train``), then every cell (students on ``train_split``, as ``student`` when
-    given, else the job files' student); write table.md, runs.csv and fidelity.png into ``out`` (the runs go to
+    given, else the job files' student); with ``own_images``, also each student's top-1 on its training split;
+    write table.md, runs.csv and fidelity.png into ``out`` (the runs go to
     ``runs_dir``, by default ``out/runs``: benchmarks that share one reuse each other's runs). With ``preempt``,
     the longest function-matching run of the first seed is then trained again under SIGKILLs (:func:`preempted`)."""
     from kd_cluster.cluster.driver import run_job
@@ -588,12 +630,14 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
         tres = run_job(tspec, str(jobs_dir / "teacher.yaml"), use_ray=False)
     teacher_top1 = _top1(tres.stages[teacher_stage])
     t_wall = float(tres.stages[teacher_stage].get("wall_s", float("nan")))
-    teacher = Cell("teacher", tspec.seed, teacher_steps, teacher_run, str(jobs_dir / "teacher.yaml"), teacher_over,
+    teacher = Cell("teacher", tspec.seed, teacher_steps, teacher_run, shown_path(jobs_dir / "teacher.yaml"), teacher_over,
                    teacher_top1, t_wall, teacher_stage in tres.skipped)
     for i, (cell, spec) in enumerate(zip(cells, specs)):
         if on_run:
             on_run(cell, i, len(cells))
         run_cell(cell, spec)
+        if own_images:
+            cell.own_top1 = own_images_top1(cell, train)
     result = FidelityResult(teacher_top1, teacher_steps, cells)
     if preempt:
         longest = next(c for c in cells if c.method == "funmatch" and c.budget == max(budgets) and not c.variant
@@ -699,6 +743,6 @@ def preempted(cell: Cell, *, kills: int, seed: int = 0, checkpoints: int = 8) ->
 
 __all__ = ["BASELINES", "FULL", "LONG_METHODS", "METHODS", "QUICK", "SCRATCH", "TUNED", "VARIANTS", "Cell",
            "Comparison", "FidelityError", "FidelityResult", "Tuned", "agreement_table", "check_fresh", "compare",
-           "holm", "load_tuned", "loss_terms", "markdown_table", "plan_cells", "preempted", "read_csv",
-           "run_cell", "run_fidelity", "run_overrides", "run_prefix", "schedule_overrides", "split_url",
+           "fit_table", "holm", "load_tuned", "own_images_top1", "loss_terms", "markdown_table", "plan_cells", "preempted", "read_csv",
+           "run_cell", "run_fidelity", "run_overrides", "run_prefix", "schedule_overrides", "shown_path", "split_url",
            "stale_fields", "student_overrides", "summarize", "win_counts", "write_csv", "write_tables"]

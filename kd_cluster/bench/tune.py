@@ -31,8 +31,8 @@ from typing import Any
 import yaml
 
 from kd_cluster.bench.fidelity import (AUX_STAGES, NO_TEACHER, Cell, FidelityError,
-                                       check_fresh, loss_terms, run_cell, run_overrides, run_prefix, split_url,
-                                       student_overrides)
+                                       check_fresh, loss_terms, own_images_top1, run_cell, run_overrides, run_prefix,
+                                       shown_path, split_url, student_overrides)
 
 STEPS = "steps_factor"
 
@@ -117,7 +117,7 @@ def probe_cell(space: Space, probe: Probe, *, budget: int, seed: int, runs: str,
         aux, aux_steps = AUX_STAGES[kind], max(1, budget // 5)
         over += [f"stages.{aux}.set.schedule.steps={aux_steps}",
                  f"stages.{aux}.set.schedule.warmup_steps={max(0, aux_steps // 20)}"]
-    return Cell(kind, seed, budget, run, space.job, over + _overrides(probe.changes), steps=steps)
+    return Cell(kind, seed, budget, run, shown_path(space.job), over + _overrides(probe.changes), steps=steps)
 
 
 def plan_rounds(space: Space) -> list[Probe]:
@@ -149,16 +149,6 @@ def combination_round(space: Space, done: list[Probe]) -> list[Probe]:
             seen.add(json.dumps(c, sort_keys=True))
             out.append(Probe(c, 2))
     return out
-
-
-def own_images_top1(cell: Cell, train: str, out: Path) -> float:
-    """The probe's final student on the split it trained on (clean centre crops)."""
-    from kd_cluster.results.evaluate import evaluate
-    from kd_cluster.results.target import from_run
-
-    runs = next(o.split("=", 1)[1] for o in cell.overrides if o.startswith("storage.path="))
-    res = evaluate(from_run(cell.run, runs, None, None), train, str(out / "own" / f"{cell.run}.json"), loader_workers=0)
-    return float(res["top1"])
 
 
 def best_probe(probes: list[Probe]) -> Probe:
@@ -230,7 +220,7 @@ def run_tune(*, space: Space, out: Path, budget: int, seed: int = 0, dataset: st
                 on_run(p, len(done))
             run_cell(p.cell, spec)
             if own_images:
-                p.own_top1 = own_images_top1(p.cell, train, out)
+                p.own_top1 = own_images_top1(p.cell, train)
             done.append(p)
 
     run_all(plan_rounds(space))
