@@ -399,7 +399,7 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
                            teacher_steps=teacher_steps, dataset=a.dataset, eval_split=a.eval_split,
                            train_split=a.train_split, student=a.student, all_budgets=a.all_budgets, tuned=tuned,
                            variants=variants, preempt=a.preempt, runs_dir=Path(a.runs) if a.runs else None,
-                           own_images=a.own_images,
+                           own_images=a.own_images, prior_runs=[Path(p) for p in a.prior_runs],
                            on_run=lambda c, i, n: console.print(f"[{i + 1}/{n}] {c.method}{f' + {c.variant}' if c.variant else ''}"
                                                                 f" seed {c.seed}, {c.steps} steps ({c.run})"))
     except FidelityError as exc:
@@ -824,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "same folder reuse each other's finished runs (the teacher among them)")
     bf.add_argument("--own-images", action="store_true", help="also each student's top-1 on the images it trained "
                     "on (runs.csv's own_images_top1; kept in each run folder, so a later call adds it to reused runs)")
+    bf.add_argument("--prior-runs", action="append", default=[], metavar="RUNS_CSV", help="an earlier runs.csv whose "
+                    "rows stand in for method runs not found under --runs (the same run, job file, seed, budget and "
+                    "overrides); the from-scratch students still train here, as a check against that file")
     bf.add_argument("--all-budgets", action="store_true", help="every method at every budget (default: later "
                     "budgets train scratch and the function-matching family only)")
     bf.add_argument("--tuned", default=None, metavar="CHOSEN_JSON", help="the from-scratch student's settings chosen "

@@ -80,6 +80,8 @@ class Cell:
     """Steps the run trained (the budget, unless the tuned baseline chose another schedule); 0: the budget."""
     own_top1: float = float("nan")
     """Top-1 of the final student on the images it trained on (clean centre crops), when measured."""
+    source: str = ""
+    """The results file this cell's row was taken from (``--prior-runs``); '' when its run is here."""
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -255,6 +257,30 @@ def _top1(stage: dict[str, Any]) -> float:
     return float(stage.get("final_metrics", {}).get("eval/student_top1", float("nan")))
 
 
+def stale_fields_exist(spec: Any) -> bool:
+    """Whether the run folder of ``spec`` exists (has its ``job.json``)."""
+    from kd_cluster.cluster.driver import RESOLVED_SPEC, run_root
+    from kd_cluster.storage import Store
+
+    return Store(run_root(spec), spec.storage.endpoint_url).exists(RESOLVED_SPEC)
+
+
+def _prior_note(cells: list[Cell], prior: dict[str, Cell]) -> str:
+    """What the header says of rows taken from earlier results files, and of the check that the from-scratch
+    runs trained here give those files' numbers."""
+    taken = [c for c in cells if c.source]
+    if not prior:
+        return ""
+    files = sorted({c.source for c in taken})
+    same = [(c, prior[c.run]) for c in cells if c.method == SCRATCH and c.run in prior
+            and _what_it_trained(prior[c.run]) == _what_it_trained(c)]
+    diffs = [abs(c.top1 - p.top1) for c, p in same]
+    check = (f" The untuned scratch runs trained here against the same runs in those files: {sum(d < 5e-5 for d in diffs)}"
+             f" of {len(diffs)} equal to 4 digits, largest difference {max(diffs) * 100:.2f} points." if diffs else "")
+    return (f" {len(taken)} rows are taken from earlier results files ({', '.join(files) or 'none'}): the same runs, "
+            f"not retrained here (column source of runs.csv).{check}")
+
+
 def run_cell(cell: Cell, spec: Any) -> None:
     """Train one cell (or find it finished) and record its top-1, final metrics and wall time on it."""
     from kd_cluster.cluster.driver import run_job
@@ -270,6 +296,27 @@ def run_cell(cell: Cell, spec: Any) -> None:
     cell.skipped = last in res.skipped
     cell.wall_s = float(res.stages[last].get("wall_s", time.perf_counter() - t1)) if cell.skipped else \
         time.perf_counter() - t1
+
+
+PATH_SETTINGS = ("storage.path=", "telemetry.wandb_dir=", "teacher.weights=")
+"""Overrides that say where a run lived, not what it trained: ignored when a cell is matched to an earlier row."""
+
+
+def _what_it_trained(cell: Cell) -> tuple[Any, ...]:
+    return (cell.method, cell.seed, cell.budget, cell.variant, Path(cell.job).parts[-2:],
+            tuple(o for o in cell.overrides if not o.startswith(PATH_SETTINGS)))
+
+
+def take_prior(cell: Cell, prior: dict[str, Cell]) -> bool:
+    """Fill ``cell`` from an earlier results row of the same run (same name, job file, seed, budget and overrides but
+    for where it was stored), when there is one; True when it did."""
+    old = prior.get(cell.run)
+    if old is None or _what_it_trained(old) != _what_it_trained(cell):
+        return False
+    cell.top1, cell.metrics, cell.wall_s, cell.skipped, cell.own_top1 = (old.top1, old.metrics, old.wall_s, True,
+                                                                          old.own_top1)
+    cell.source = old.source
+    return True
 
 
 def own_images_top1(cell: Cell, train: str) -> float:
@@ -435,7 +482,7 @@ def _fmt(v: float | None) -> str:
 
 
 CSV_COLUMNS = ["method", "seed", "budget", "top1", "val_agreement", "train_batch_agreement", "wall_s", "reused", "run",
-               "job", "loss_terms", "command", "variant", "steps", "own_images_top1"]
+               "job", "loss_terms", "command", "variant", "steps", "own_images_top1", "source"]
 """runs.csv; the teacher is the row whose method is ``teacher`` (budget: its steps)."""
 
 
@@ -451,7 +498,7 @@ def write_csv(cells: list[Cell], path: Path, teacher: Cell | None = None) -> Non
             terms = " ".join(f"{k}={v:.4g}" for k, v in sorted(loss_terms(c.metrics).items()))
             w.writerow([c.method, c.seed, c.budget, f"{c.top1:.6f}", _fmt(c.metrics.get("eval/agreement")),
                         _fmt(c.metrics.get("train/teacher_agreement")), f"{c.wall_s:.1f}", int(c.skipped), c.run,
-                        c.job, terms, cmd, c.variant, c.steps or c.budget, _fmt(c.own_top1)])
+                        c.job, terms, cmd, c.variant, c.steps or c.budget, _fmt(c.own_top1), c.source])
 
 
 def read_csv(*paths: Path) -> tuple[list[Cell], float, int]:
@@ -461,13 +508,15 @@ def read_csv(*paths: Path) -> tuple[list[Cell], float, int]:
     for path in paths:
         with Path(path).open(newline="") as f:
             for r in csv.DictReader(f):
+                metrics_src = r.get("loss_terms") or ""
                 metrics = {k: float(r[col]) for k, col in (("eval/agreement", "val_agreement"),
                                                            ("train/teacher_agreement", "train_batch_agreement"))
                            if r.get(col)}
                 cell = Cell(r["method"], int(r["seed"]), int(r["budget"]), r["run"], r["job"],
                             r["command"].split()[4:], float(r["top1"]), float(r["wall_s"]), r["reused"] == "1",
                             metrics, r.get("variant") or "", int(r.get("steps") or r["budget"]),
-                            float(r.get("own_images_top1") or "nan"))
+                            float(r.get("own_images_top1") or "nan"), r.get("source") or shown_path(path))
+                cell.metrics.update({k: float(v) for k, v in (t.split("=", 1) for t in metrics_src.split()) if v})
                 if cell.method == "teacher":
                     teacher_top1, teacher_steps = cell.top1, cell.budget
                 else:
@@ -577,11 +626,15 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
                  train_split: str = "train", student: str | None = None, prefix: str | None = None,
                  all_budgets: bool = False, tuned: Tuned | None = None, variants: Sequence[str] = (),
                  preempt: int = 0, runs_dir: Path | None = None, own_images: bool = False,
+                 prior_runs: Sequence[Path] = (),
                  on_run: Callable[[Cell, int, int], None] | None = None) -> FidelityResult:
     """Train the teacher (once, on ``train``), then every cell (students on ``train_split``, as ``student`` when
     given, else the job files' student); with ``own_images``, also each student's top-1 on its training split;
     write table.md, runs.csv and fidelity.png into ``out`` (the runs go to
-    ``runs_dir``, by default ``out/runs``: benchmarks that share one reuse each other's runs). With ``preempt``,
+    ``runs_dir``, by default ``out/runs``: benchmarks that share one reuse each other's runs). ``prior_runs``:
+    earlier ``runs.csv`` files whose rows stand in for the methods' runs not found here (the same run, job file,
+    seed, budget and overrides); the from-scratch students always train here, and the header says how their
+    top-1 compares with those files' (the check that this machine reproduces them). With ``preempt``,
     the longest function-matching run of the first seed is then trained again under SIGKILLs (:func:`preempted`)."""
     from kd_cluster.cluster.driver import run_job
     from kd_cluster.config import load_job
@@ -632,9 +685,12 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     t_wall = float(tres.stages[teacher_stage].get("wall_s", float("nan")))
     teacher = Cell("teacher", tspec.seed, teacher_steps, teacher_run, shown_path(jobs_dir / "teacher.yaml"), teacher_over,
                    teacher_top1, t_wall, teacher_stage in tres.skipped)
+    prior = {c.run: c for c in read_csv(*prior_runs)[0]} if prior_runs else {}
     for i, (cell, spec) in enumerate(zip(cells, specs)):
         if on_run:
             on_run(cell, i, len(cells))
+        if cell.method not in BASELINES and not stale_fields_exist(spec) and take_prior(cell, prior):
+            continue
         run_cell(cell, spec)
         if own_images:
             cell.own_top1 = own_images_top1(cell, train)
@@ -654,7 +710,7 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
               f"{', reused here' if teacher.skipped else ''}). This call: {result.wall_s:.0f} s on {os.cpu_count()} "
               f"CPUs; {len(cells) - reused} runs trained here ({trained:.0f} s), {reused} found finished and reused "
               f"(their wall times are from when they were trained: {sum(c.wall_s for c in cells if c.skipped):.0f} s)."
-              f"{f' Tuned scratch: {tuned.describe()}.' if tuned else ''}\n\n")
+              f"{f' Tuned scratch: {tuned.describe()}.' if tuned else ''}{_prior_note(cells, prior)}\n\n")
     result.table = write_tables(out, cells, teacher_top1, teacher_steps, header)
     write_csv(cells, out / "runs.csv", teacher)
     regime = ", ".join(x for x in (f"students on {train_split}" if train_split != "train" else "", student or "") if x)
