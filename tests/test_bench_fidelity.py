@@ -260,4 +260,4 @@ def test_prior_runs_stand_in_for_methods_and_scratch_is_the_check(tmp_path: Path
     assert not (tmp_path / "out" / "runs" / rows["kd"]["run"]).exists()  # not retrained
     assert rows["scratch"]["source"] == "" and (tmp_path / "out" / "runs" / rows["scratch"]["run"] / "job.json").is_file()
     assert rows["scratch"]["top1"] == old["scratch"]["top1"]  # the same machine gives the same run
-    assert "1 of 1 equal to 4 digits" in (tmp_path / "out" / "table.md").read_text()
+    assert "1 of 1 give the same top-1 to 4 digits" in (tmp_path / "out" / "table.md").read_text()

@@ -266,17 +266,17 @@ def stale_fields_exist(spec: Any) -> bool:
 
 
 def _prior_note(cells: list[Cell], prior: dict[str, Cell]) -> str:
-    """What the header says of rows taken from earlier results files, and of the check that the from-scratch
-    runs trained here give those files' numbers."""
-    taken = [c for c in cells if c.source]
+    """What the header says of rows taken from earlier results files, and of the check that the runs trained here
+    (the from-scratch students always; any other run found here) give those files' numbers for the same runs."""
     if not prior:
         return ""
+    taken = [c for c in cells if c.source]
     files = sorted({c.source for c in taken})
-    same = [(c, prior[c.run]) for c in cells if c.method == SCRATCH and c.run in prior
+    same = [(c, prior[c.run]) for c in cells if not c.source and c.run in prior
             and _what_it_trained(prior[c.run]) == _what_it_trained(c)]
     diffs = [abs(c.top1 - p.top1) for c, p in same]
-    check = (f" The untuned scratch runs trained here against the same runs in those files: {sum(d < 5e-5 for d in diffs)}"
-             f" of {len(diffs)} equal to 4 digits, largest difference {max(diffs) * 100:.2f} points." if diffs else "")
+    check = (f" Runs here that those files also have: {sum(d < 5e-5 for d in diffs)} of {len(diffs)} give the same "
+             f"top-1 to 4 digits, the largest difference {max(diffs) * 100:.2f} points." if diffs else "")
     return (f" {len(taken)} rows are taken from earlier results files ({', '.join(files) or 'none'}): the same runs, "
             f"not retrained here (column source of runs.csv).{check}")
 
@@ -633,8 +633,8 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     write table.md, runs.csv and fidelity.png into ``out`` (the runs go to
     ``runs_dir``, by default ``out/runs``: benchmarks that share one reuse each other's runs). ``prior_runs``:
     earlier ``runs.csv`` files whose rows stand in for the methods' runs not found here (the same run, job file,
-    seed, budget and overrides); the from-scratch students always train here, and the header says how their
-    top-1 compares with those files' (the check that this machine reproduces them). With ``preempt``,
+    seed, budget and overrides); the from-scratch students always train here, and the header says how the runs
+    found or trained here compare with those files' (the check that this machine reproduces them). With ``preempt``,
     the longest function-matching run of the first seed is then trained again under SIGKILLs (:func:`preempted`)."""
     from kd_cluster.cluster.driver import run_job
     from kd_cluster.config import load_job
