@@ -257,7 +257,7 @@ def _top1(stage: dict[str, Any]) -> float:
     return float(stage.get("final_metrics", {}).get("eval/student_top1", float("nan")))
 
 
-def stale_fields_exist(spec: Any) -> bool:
+def run_exists(spec: Any) -> bool:
     """Whether the run folder of ``spec`` exists (has its ``job.json``)."""
     from kd_cluster.cluster.driver import RESOLVED_SPEC, run_root
     from kd_cluster.storage import Store
@@ -689,7 +689,7 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     for i, (cell, spec) in enumerate(zip(cells, specs)):
         if on_run:
             on_run(cell, i, len(cells))
-        if cell.method not in BASELINES and not stale_fields_exist(spec) and take_prior(cell, prior):
+        if cell.method not in BASELINES and not run_exists(spec) and take_prior(cell, prior):
             continue
         run_cell(cell, spec)
         if own_images:
