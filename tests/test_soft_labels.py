@@ -163,6 +163,10 @@ def test_stored_labels_are_refused_where_they_cannot_serve(labelled: tuple[Path,
     fm = _error(other, job={**job, "method": {"name": "funmatch"}})
     assert fm.count("\n  - ") == 1 and ("teacher.placement: stored cannot serve method 'funmatch': function matching "
                                         "trains on the teacher's prediction for the very image") in fm
+    for name, why in (("dkd", "DKD needs every class's teacher logit"), ("dist", "DIST correlates the student's "
+                                                                             "prediction with the teacher's over every class")):
+        err = _error(other, job={**job, "method": {"name": name}})  # top-k labels cannot serve them
+        assert err.count("\n  - ") == 1 and f"teacher.placement: stored cannot serve method '{name}': {why}" in err, err
     feats = _error(other, job={**job, "method": {"name": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"}})
     assert "stored labels hold the teacher's top-N probabilities, not the features" in feats
     mix = _error(path, ["augment.mixup_alpha=0.4"])

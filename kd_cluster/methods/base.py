@@ -128,6 +128,15 @@ class MethodConfig(BaseModel):
         raise NotImplementedError(f"{type(self).__name__}.needs()")
 
 
+class LogitStandardization(MethodConfig):
+    """Settings of the methods that can z-score logits before their temperature softmax (Sun et al., CVPR 2024)."""
+
+    logit_standardization: bool = Field(False, description="Z-score each sample's teacher and student logits "
+                                        "(minus their mean, over their standard deviation) before dividing by the "
+                                        "temperature: the student matches the teacher's logit relations, not their "
+                                        "range (Sun et al., CVPR 2024). The label CE uses the raw logits.")
+
+
 def check_arch(name: str) -> str:
     """A pydantic validator body: ``name`` must be a model the registry can build."""
     from kd_cluster.models import ModelError, check_model_name
@@ -259,6 +268,12 @@ def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, lam: float,
     return lam * ce + (1.0 - lam) * ce_b
 
 
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row minus its mean, over its (unbiased) standard deviation plus ``eps``: logit standardization."""
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (eps + z.std(dim=-1, keepdim=True))
+
+
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             teacher_probs: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p_teacher || p_student) at temperature T, averaged over the batch, times T^2.
@@ -276,6 +291,6 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * (t * t)
 
 
-__all__ = ["METHODS", "F", "Method", "MethodConfig", "MethodError", "Module", "Needs", "SetupInfo", "StepOutputs",
-           "all_gather_cat", "check_arch", "dist", "lookup", "mixed_cross_entropy", "nn", "register", "soft_kl",
-           "torch", "torch_class"]
+__all__ = ["METHODS", "F", "LogitStandardization", "Method", "MethodConfig", "MethodError", "Module", "Needs",
+           "SetupInfo", "StepOutputs", "all_gather_cat", "check_arch", "dist", "lookup", "mixed_cross_entropy", "nn",
+           "register", "soft_kl", "standardize", "torch", "torch_class"]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kd_cluster.methods.base import F, Method, MethodConfig, Needs, StepOutputs, register, soft_kl, torch
+from kd_cluster.methods.base import (F, LogitStandardization, Method, Needs, StepOutputs, register, soft_kl, standardize,
+                                     torch)
 
 
-class FunMatchConfig(MethodConfig):
+class FunMatchConfig(LogitStandardization):
     """Settings of the function-matching family: loss = T^2 * KL(p_t^T || p_s^T)."""
 
     temperature: float = Field(1.0, gt=0, description="Softmax temperature T (the paper uses 1).")
@@ -51,23 +52,28 @@ class FunMatch(Method):
 
     Config = FunMatchConfig
 
-    def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+    def logits(self, out: StepOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher logits, standardized when the settings say so."""
         assert out.teacher_logits is not None
-        return {"kl": soft_kl(out.student_logits, out.teacher_logits, self.cfg.temperature)}
+        s, t = out.student_logits, out.teacher_logits
+        return (standardize(s), standardize(t)) if self.cfg.logit_standardization else (s, t)
+
+    def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        return {"kl": soft_kl(*self.logits(out), self.cfg.temperature)}
 
 
 @register("fixed_teacher")
-class FixedTeacher(Method):
+class FixedTeacher(FunMatch):
     """Baseline: the teacher's target comes from the un-augmented center crop."""
 
     Config = FixedTeacherConfig
 
     def forward(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        assert out.teacher_logits is not None
-        p_t = F.softmax(out.teacher_logits.float() / self.cfg.temperature, dim=-1)
+        s, t = self.logits(out)
+        p_t = F.softmax(t.float() / self.cfg.temperature, dim=-1)
         if out.lam < 1.0:
             p_t = out.lam * p_t + (1.0 - out.lam) * p_t.roll(1, dims=0)
-        return {"kl": soft_kl(out.student_logits, out.teacher_logits, self.cfg.temperature, teacher_probs=p_t)}
+        return {"kl": soft_kl(s, t, self.cfg.temperature, teacher_probs=p_t)}
 
 
 @register("independent_views")
