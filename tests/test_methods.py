@@ -121,5 +121,5 @@ def test_every_method_returns_named_differentiable_terms(name: str) -> None:
 def test_bad_settings_name_field_and_allowed() -> None:
     with pytest.raises(MethodError, match=r"method\.temperature.*greater than 0"):
         method_config("kd", {"temperature": -1})
-    with pytest.raises(MethodError, match="allowed: init, temperature, alpha"):
+    with pytest.raises(MethodError, match="allowed: init, logit_standardization, temperature, alpha"):
         method_config("kd", {"tau": 2})
