@@ -519,11 +519,12 @@ def cmd_teacher_label(a: argparse.Namespace) -> int:
 
     spec = load_job(a.job, a.overrides, a.profile)
     res = label_job(spec, a.job, views=a.views, top_k=a.top_k, out=a.out, stage=a.stage, use_ray=not a.no_ray,
-                    address=a.address, workers=a.workers, batch_size=a.batch,
+                    address=a.address, workers=a.workers, batch_size=a.batch, logits=a.logits or None,
                     progress=lambda line: console.print(line, soft_wrap=True, highlight=False))
     cfg = res.labels.config
     per_sample = res.bytes / max(res.samples, 1) if res.samples else float("nan")
-    console.print(f"labels: {res.labels.url} ({cfg.views} views x top-{cfg.top_k} per sample, "
+    what = "every class's logit" if cfg.form == "logits" else f"top-{cfg.top_k}"
+    console.print(f"labels: {res.labels.url} ({cfg.views} views x {what} per sample, "
                   f"{cfg.data_samples} samples); {res.shards_labelled} shards labelled, {res.shards_skipped} were "
                   f"already done; {res.samples} samples in {res.wall_s:.1f} s"
                   + (f", {per_sample:,.0f} bytes per sample" if res.samples else ""), soft_wrap=True, highlight=False)
@@ -903,6 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the first stage that distills from a teacher)")
     tl.add_argument("--workers", type=int, default=None, help="labelling workers on Ray (default: teacher.replicas)")
     tl.add_argument("--batch", type=int, default=None, help="images per teacher forward (default 256)")
+    tl.add_argument("--logits", action="store_true", help="store every class's logit (float16) per view instead of "
+                    "the top-N probabilities: what DKD and DIST need")
     tl.add_argument("--no-ray", action="store_true", help="label in this process")
     tl.add_argument("--profile", default=None, help="apply a profile from the job's 'profiles:'")
     tl.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")

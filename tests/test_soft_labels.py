@@ -166,7 +166,8 @@ def test_stored_labels_are_refused_where_they_cannot_serve(labelled: tuple[Path,
     for name, why in (("dkd", "DKD needs every class's teacher logit"), ("dist", "DIST correlates the student's "
                                                                              "prediction with the teacher's over every class")):
         err = _error(other, job={**job, "method": {"name": name}})  # top-k labels cannot serve them
-        assert err.count("\n  - ") == 1 and f"teacher.placement: stored cannot serve method '{name}': {why}" in err, err
+        assert err.count("\n  - ") == 1 and (f"teacher.placement: stored top-N probabilities cannot serve method "
+                                              f"'{name}': {why}") in err and "teacher label --logits" in err, err
     feats = _error(other, job={**job, "method": {"name": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"}})
     assert "stored labels hold the teacher's top-N probabilities, not the features" in feats
     mix = _error(path, ["augment.mixup_alpha=0.4"])
@@ -218,3 +219,58 @@ def test_an_interrupted_labelling_resumes_and_writes_each_shard_once(tmp_path: P
              "--no-ray"]
     again = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "holds labels of another configuration (differs in views)" in again.stderr
+
+
+def test_full_logit_labels_replay_the_teacher_s_logits_and_serve_dkd(tmp_path: Path, small_data: str) -> None:
+    """teacher label --logits stores every class's logit per view (float16): the stored teacher hands the method
+    the teacher's logits on the replayed crop, a labelling stage with logits: true feeds DKD and DIST, and its label
+    set takes K * (9 + 2 C) + 9 bytes per sample."""
+    from kd_cluster.cluster import run_job
+    from kd_cluster.cluster.labeling import label_job
+    from kd_cluster.models import Normalizer, load_weights
+    from kd_cluster.teacher.stored import StoredTeacher
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "teacher.safetensors")
+    save_weights(build_model("cnn_s", num_classes=10, in_chans=1), weights)
+    path = _write(tmp_path, _job(tmp_path, small_data, weights))
+    res = label_job(load_job(path), str(path), views=2, use_ray=False, logits=True, progress=lambda s: None)
+    cfg = res.labels.config
+    assert cfg.form == "logits" and res.labels.url.endswith("labels.json")
+    side = read_sidecar(res.labels.files[0])
+    assert side["logits"].shape == (50, 2, 10) and side["logits"].dtype == np.float16 and "probs" not in side
+    assert sum(a.nbytes for a in side.values()) == 50 * (2 * (9 + 2 * 10) + 9)  # the file adds a small header
+    spec = load_job(path)
+    manifest = load_manifest(spec.data.train)
+    aug = AugmentParams(image_size=24, crop_scale=(0.5, 1.0), flip=True, eval_resize_ratio=1.0, channels=1)
+    stream = TrainStream(manifest, batch_size=16, seed=spec.seed, rank=0, world_size=1, num_workers=0, start_step=0,
+                         augment=aug, stored=StoredViews(res.labels, seed=spec.seed))
+    teacher = build_model("cnn_s", num_classes=10, in_chans=1)
+    load_weights(teacher, weights)
+    teacher.eval()
+    norm = Normalizer([0.5], [0.5], False)
+    plan = next(p for p in plan_job(spec, str(path), check_data="local") if p.teacher is not None)
+    stored = StoredTeacher(plan.teacher, torch.device("cpu"))
+    from kd_cluster.teacher.base import StepInput, TeacherView
+
+    view = TeacherView("same", lambda x: x, norm)
+    for _, batch in zip(range(3), stream):
+        assert "soft_logits" in batch and "soft_probs" not in batch
+        with torch.no_grad():
+            live = teacher(norm(batch["image"]))
+        replayed, _ = stored.step(StepInput(batch, norm(batch["image"]), 1.0, view, torch.device("cpu")))
+        assert torch.allclose(replayed, live, atol=2e-2, rtol=1e-3)  # float16 storage
+    # a job that labels in a stage with logits: true, then distills with DKD (and DIST) from the stored logits
+    stages = [{"name": "label", "labels": {"views": 2, "logits": True}},
+              {"name": "dkd", "set": {"method": {"name": "dkd", "warmup_fraction": 0.0},
+                                      "teacher": {"placement": "stored", "labels": "stage:label"}}},
+              {"name": "dist", "set": {"method": {"name": "dist"},
+                                       "teacher": {"placement": "stored", "labels": "stage:label"}}}]
+    job = _job(tmp_path, small_data, weights, name="lg", stages=stages)
+    job["teacher"] = {"arch": "cnn_s", "weights": weights}
+    lg = _write(tmp_path, job, "lg.yaml")
+    out = run_job(load_job(lg), str(lg), use_ray=False)
+    assert out.stages["dkd"]["final_metrics"]["nckd"] > 0 and out.stages["dist"]["final_metrics"]["inter"] > 0
+    topk = _write(tmp_path, {**job, "stages": [{**stages[0], "labels": {"views": 2}}, stages[1]]}, "tk.yaml")
+    err = _error(topk)
+    assert "stages[1] (dkd): teacher.placement: stored top-N probabilities cannot serve method 'dkd'" in err, err

@@ -61,7 +61,7 @@ def _for_labelling(spec: JobSpec) -> JobSpec:
 
 def label_job(spec: JobSpec, source: str, *, views: int | None = None, top_k: int | None = None,
               out: str | None = None, stage: str | None = None, use_ray: bool = True, address: str | None = None,
-              workers: int | None = None, batch_size: int | None = None,
+              workers: int | None = None, batch_size: int | None = None, logits: bool | None = None,
               progress: Callable[[str], None] = print) -> LabelResult:
     """``kd-cluster teacher label``: the job's labelling stage (``stage``, or its first), or else the first stage
     that distills from a teacher, labelled with that stage's teacher, data and augmentation."""
@@ -82,9 +82,11 @@ def label_job(spec: JobSpec, source: str, *, views: int | None = None, top_k: in
     default_out = plan.labels_url if plan.labels else (
         spec.teacher.labels if spec.teacher is not None and spec.teacher.labels and
         not spec.teacher.labels.startswith("stage:") else None)
+    logits = logits if logits is not None else bool(plan.labels and plan.labels.logits)
     return make_labels(plan, out or default_out, views, top_k, source=source, use_ray=use_ray, address=address,
                        workers=workers or (plan.labels.workers if plan.labels else None),
-                       batch_size=batch_size or (plan.labels.batch if plan.labels else 256), progress=progress)
+                       batch_size=batch_size or (plan.labels.batch if plan.labels else 256), progress=progress,
+                       form="logits" if logits else "topk")
 
 
 def run_label_stage(plan: Any, *, use_ray: bool, address: str | None,
@@ -95,7 +97,7 @@ def run_label_stage(plan: Any, *, use_ray: bool, address: str | None,
     assert plan.labels is not None
     res = make_labels(plan, plan.labels_url, plan.labels.views, plan.labels.top_k, source=plan.stage,
                       use_ray=use_ray, address=address, workers=plan.labels.workers, batch_size=plan.labels.batch,
-                      progress=progress)
+                      progress=progress, form="logits" if plan.labels.logits else "topk")
     marker = {"stage": plan.stage, "steps": 0, "resumed_from": 0, "final_metrics": {},
               "images_per_s": res.samples * plan.labels.views / max(res.wall_s, 1e-9), "wall_s": res.wall_s,
               "arch": plan.arch, "artifact": res.labels.url, "labels": res.labels.url,
@@ -106,8 +108,9 @@ def run_label_stage(plan: Any, *, use_ray: bool, address: str | None,
 
 def make_labels(plan: Any, out: str | None, views: int, top_k: int, *, source: str, use_ray: bool,
                 address: str | None, workers: int | None, batch_size: int,
-                progress: Callable[[str], None]) -> LabelResult:
-    """Label ``plan``'s train split with its (colocated) teacher into ``out``; finished shards are skipped."""
+                progress: Callable[[str], None], form: str = "topk") -> LabelResult:
+    """Label ``plan``'s train split with its (colocated) teacher into ``out``; finished shards are skipped.
+    ``form``: ``topk`` (the top-N probabilities per view) or ``logits`` (every class's logit)."""
     from kd_cluster.models import weights_sha256
 
     t = plan.teacher
@@ -129,9 +132,10 @@ def make_labels(plan: Any, out: str | None, views: int, top_k: int, *, source: s
                          channels=t.channels, image_size=eff.data.image_size,
                          crop_scale=tuple(eff.augment.crop_scale), crop_ratio=tuple(eff.augment.crop_ratio),
                          flip=eff.augment.flip, seed=eff.seed, data_samples=data.num_samples,
-                         data_shards=[s.count for s in data.shards])
+                         data_shards=[s.count for s in data.shards], form=form)
     archs = "+".join(m["arch"] for m in members).replace(":", "_")
-    out = absolute(out or join(data.url.rsplit("/", 1)[0], f"soft-labels-{archs}-k{views}-n{top_k}"))
+    kind = "logits" if form == "logits" else f"n{top_k}"
+    out = absolute(out or join(data.url.rsplit("/", 1)[0], f"soft-labels-{archs}-k{views}-{kind}"))
     out_opts = storage_options(out, eff.storage.endpoint_url)
     start_labels(out, config, out_opts)
     job = LabelJob(teacher=t, data=data, out=out, config=config,
@@ -140,7 +144,7 @@ def make_labels(plan: Any, out: str | None, views: int, top_k: int, *, source: s
     pending = job.pending()
     progress(f"[{plan.stage}] labelling {data.num_samples} samples ({len(data.shards)} shards, "
              f"{len(data.shards) - len(pending)} already done) with {'+'.join(m['arch'] for m in members)}: "
-             f"K={views} views, top-{top_k}, into {out}")
+             f"K={views} views, {'every logit' if form == 'logits' else f'top-{top_k}'}, into {out}")
     t0 = time.perf_counter()
     done: list[dict[str, float]] = []
     if use_ray and pending:

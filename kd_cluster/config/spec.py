@@ -359,6 +359,8 @@ class LabelStageSpec(Strict):
 
     views: int = Field(ge=1, description="Augmentation views stored per training sample (K).")
     top_k: int = Field(10, ge=1, description="Teacher probabilities stored per view (N, the largest).")
+    logits: bool = Field(False, description="Store every class's teacher logit per view (float16, 2 bytes per class) "
+                         "instead of the top-N probabilities: what DKD and DIST need, C / (2 N) times the bytes.")
     workers: int | None = Field(None, ge=1, description="Labelling workers on Ray (default: teacher.replicas); each "
                                 "takes teacher.num_cpus / num_gpus.")
     batch: int = Field(256, ge=1, description="Images per teacher forward.")

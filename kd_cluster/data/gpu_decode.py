@@ -302,7 +302,7 @@ def _drop_rows(batch: dict[str, Any], rows: list[int], keys: list[str]) -> None:
     idx = torch.tensor(keep)
     for k in keys:
         batch[k] = batch[k][idx.to(batch[k].device)]
-    for k in ("label", "index", "soft_probs", "soft_classes"):
+    for k in ("label", "index", "soft_probs", "soft_classes", "soft_logits"):
         if k in batch:
             batch[k] = batch[k][idx.to(batch[k].device)]
     batch["key"] = [batch["key"][r] for r in keep]

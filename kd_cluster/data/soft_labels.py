@@ -1,4 +1,5 @@
-"""Stored soft labels: per training sample, K augmentation views and the teacher's top-N probabilities on each.
+"""Stored soft labels: per training sample, K augmentation views and the teacher's top-N probabilities on each (or,
+with ``form: logits``, every class's logit).
 
 Layout of a label set (any fsspec URL)::
 
@@ -11,7 +12,8 @@ stable indices, checked when read), ``valid`` uint8 ``[n]`` (0: the sample could
 ``boxes`` uint16 ``[n, K, 4]`` (crop boxes in original pixels), ``flips`` uint8 ``[n, K]``, ``probs`` float16
 ``[n, K, N]`` (the teacher's N largest probabilities at temperature 1, largest first) and ``classes`` int16 (int32
 above 32,767 classes) ``[n, K, N]``. Bytes per sample: ``K * (9 + 4 N) + 9`` (``K * (9 + 6 N) + 9`` with int32
-classes), e.g. 4,909 for K = 100, N = 10.
+classes), e.g. 4,909 for K = 100, N = 10. A label set of ``form`` ``logits`` holds ``logits`` float16 ``[n, K, C]``
+(the teacher's logits, every class) instead of ``probs`` and ``classes``: ``K * (9 + 2 C) + 9`` bytes per sample.
 
 View ``k`` of the sample at position ``p`` of shard ``j`` is drawn by :func:`label_view` from
 ``(seed, j, p, k)``; in pass ``e`` the training stream replays view :func:`pick_view` ``(seed, e, j, p)`` of each
@@ -62,6 +64,9 @@ class LabelConfig:
     """Samples of the train split that was labelled."""
     data_shards: list[int] = field(default_factory=list)
     """Sample count of each of its shards, in manifest order."""
+    form: str = "topk"
+    """``topk``: the top-N probabilities per view; ``logits``: every class's logit (label sets written before this
+    field existed are ``topk``)."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -241,13 +246,18 @@ def read_sidecar(url: str, storage_options: dict[str, Any] | None = None) -> dic
         raise DataError(f"soft-label sidecar missing: {url}") from None
 
 
+FORMS = ("topk", "logits")
+
+
 @dataclass(frozen=True)
 class StoredView:
-    """What the stream takes from the labels for one sample: the crop to replay and the teacher's top-N."""
+    """What the stream takes from the labels for one sample: the crop to replay and the teacher's top-N (or all of
+    its logits)."""
 
     params: ViewParams
-    probs: np.ndarray
-    classes: np.ndarray
+    probs: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
 
 class StoredViews:
@@ -263,6 +273,10 @@ class StoredViews:
     @property
     def top_k(self) -> int:
         return self.labels.config.top_k
+
+    @property
+    def form(self) -> str:
+        return self.labels.config.form
 
     def check(self, manifest: Manifest) -> None:
         """The labels belong to this split (same shards, same counts)."""
@@ -287,8 +301,10 @@ class StoredViews:
         k = pick_view(self.seed, epoch, j, position, self.labels.config.views)
         b = a["boxes"][position, k]
         box = (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
-        return StoredView(ViewParams(box, bool(a["flips"][position, k])), a["probs"][position, k],
-                          a["classes"][position, k])
+        params = ViewParams(box, bool(a["flips"][position, k]))
+        if self.form == "logits":
+            return StoredView(params, logits=a["logits"][position, k])
+        return StoredView(params, a["probs"][position, k], a["classes"][position, k])
 
 
 __all__ = ["FORMAT", "LABELING_CONFIG", "LABELS_MANIFEST", "MAX_BOX", "LabelConfig", "LabelSet", "StoredView",

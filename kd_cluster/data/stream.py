@@ -117,7 +117,9 @@ def _decode_batch(
     images = [np.empty(shape, dtype=np.uint8) for _ in views]
     labels = np.empty(n_items, dtype=np.int64)
     indices = np.empty(n_items, dtype=np.int64)
-    if stored is not None:
+    if stored is not None and stored.form == "logits":
+        soft_l = np.empty((n_items, manifest.num_classes), dtype=np.float16)
+    elif stored is not None:
         soft_p = np.empty((n_items, stored.top_k), dtype=np.float16)
         soft_c = np.empty((n_items, stored.top_k), dtype=np.int64)
     keys: list[str] = []
@@ -143,7 +145,10 @@ def _decode_batch(
                     raise ValueError("not labelled (it could not be decoded when the labels were made)")
                 if gpu is None or not gpu.take(n, data, seed_parts, [view.params]):
                     render_views(data, [view.params], augment, [images[0][n]])
-                soft_p[n], soft_c[n] = view.probs, view.classes
+                if view.logits is not None:
+                    soft_l[n] = view.logits
+                else:
+                    soft_p[n], soft_c[n] = view.probs, view.classes
         except DataError:
             raise  # labels that do not belong to this data: not a damaged sample
         except Exception as e:  # any decode/parse failure makes the sample corrupt, never the run
@@ -167,7 +172,9 @@ def _decode_batch(
     }
     if len(views) > 1:
         batch["image_t"] = torch.from_numpy(images[1][:n])
-    if stored is not None:
+    if stored is not None and stored.form == "logits":
+        batch["soft_logits"] = torch.from_numpy(soft_l[:n])
+    elif stored is not None:
         batch["soft_probs"] = torch.from_numpy(soft_p[:n])
         batch["soft_classes"] = torch.from_numpy(soft_c[:n])
     if gpu is not None:
@@ -186,7 +193,8 @@ class TrainStream(IterableDataset):
     independently drawn crop/flip of the same image, ``"center"`` the eval transform of the same image.
     With ``stored`` (soft labels), each sample's ``"aug"`` view is not drawn but replayed from the labels (one of
     their K views, picked per pass), and the batch carries the teacher's stored top-N as ``"soft_probs"``
-    (float16 ``[B, N]``) and ``"soft_classes"`` (int64 ``[B, N]``).
+    (float16 ``[B, N]``) and ``"soft_classes"`` (int64 ``[B, N]``), or, from a label set of every class's logit,
+    ``"soft_logits"`` (float16 ``[B, C]``).
     See the module docstring for the determinism contract. ``decode="gpu"``: colour JPEGs are not decoded here;
     their bytes and views (drawn, or replayed from stored labels) travel as ``"gpu_views"``
     (:class:`~kd_cluster.data.gpu_decode.EncodedViews`) and their rows of the images are filled by

@@ -111,6 +111,9 @@ class Needs:
     live_teacher: str | None = None
     """Why this method needs the teacher to run during training, whatever its settings (None: stored soft
     labels, the teacher's predictions on crops fixed in advance, can serve it; ``teacher.placement: stored``)."""
+    full_logits: str | None = None
+    """Why stored labels must hold every class's logit to serve this method (``teacher label --logits``); None:
+    the top-N probabilities serve it."""
 
 
 class MethodConfig(BaseModel):

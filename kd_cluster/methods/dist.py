@@ -30,8 +30,7 @@ class DISTConfig(MethodConfig):
 
     def needs(self) -> Needs:
         return Needs(teacher=True, teacher_view="same", labels=True,
-                     live_teacher="DIST correlates the student's prediction with the teacher's over every class; "
-                     "stored labels keep only the top-k")
+                     full_logits="DIST correlates the student's prediction with the teacher's over every class")
 
 
 def correlation_loss(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:

@@ -34,8 +34,8 @@ class DKDConfig(LogitStandardization):
 
     def needs(self) -> Needs:
         return Needs(teacher=True, teacher_view="same", labels=True,
-                     live_teacher="DKD needs every class's teacher logit (its non-target term renormalises over all "
-                     "the other classes); stored labels keep only the top-k")
+                     full_logits="DKD needs every class's teacher logit (its non-target term renormalises over all "
+                     "the other classes)")
 
 
 def dkd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,

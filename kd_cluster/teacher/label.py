@@ -1,4 +1,5 @@
-"""Labelling: the teacher's top-N probabilities on K augmentation views of every training sample, one data shard
+"""Labelling: the teacher's top-N probabilities (or every class's logit) on K augmentation views of every
+training sample, one data shard
 at a time (``kd-cluster teacher label``; the Ray side that spreads shards over workers is
 ``kd_cluster.cluster.labeling``). Each shard's sidecar is written once, atomically, so an interrupted labelling
 continues with the shards it had not finished. Pure torch.
@@ -69,11 +70,14 @@ class Labeller:
         self.norm = Normalizer(list(job.teacher.mean), list(job.teacher.std), channels_last).to(self.device)
 
     @torch.no_grad()
-    def _top(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """What the label set stores of the teacher's output on a batch of views."""
         raw = torch.from_numpy(images)
-        logits = self.teacher.evaluate(self.norm(raw.to(self.device)), raw).logits
-        top = torch.softmax(logits.float(), dim=1).topk(self.job.config.top_k, dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+        logits = self.teacher.evaluate(self.norm(raw.to(self.device)), raw).logits.float()
+        if self.job.config.form == "logits":
+            return {"logits": logits.cpu().numpy()}
+        top = torch.softmax(logits, dim=1).topk(self.job.config.top_k, dim=1)
+        return {"probs": top.values.cpu().numpy(), "classes": top.indices.cpu().numpy()}
 
     def label_shard(self, j: int) -> dict[str, float]:
         """Label shard ``j`` and write its sidecar; returns what it did (samples, bytes, seconds)."""
@@ -83,18 +87,22 @@ class Labeller:
         n, k_views, top_n = shard.count, cfg.views, cfg.top_k
         aug = cfg.augment()
         a = {"index": np.full(n, -1, dtype=np.int64), "valid": np.zeros(n, dtype=np.uint8),
-             "boxes": np.zeros((n, k_views, 4), dtype=np.uint16), "flips": np.zeros((n, k_views), dtype=np.uint8),
-             "probs": np.zeros((n, k_views, top_n), dtype=np.float16),
-             "classes": np.zeros((n, k_views, top_n), dtype=np.int16 if cfg.num_classes <= 32767 else np.int32)}
+             "boxes": np.zeros((n, k_views, 4), dtype=np.uint16), "flips": np.zeros((n, k_views), dtype=np.uint8)}
+        if cfg.form == "logits":
+            a["logits"] = np.zeros((n, k_views, cfg.num_classes), dtype=np.float16)
+        else:
+            a["probs"] = np.zeros((n, k_views, top_n), dtype=np.float16)
+            a["classes"] = np.zeros((n, k_views, top_n), dtype=np.int16 if cfg.num_classes <= 32767 else np.int32)
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
         buf, owners = np.empty((max(job.batch_size, k_views), *shape), dtype=np.uint8), []
 
         def flush() -> None:
             if not owners:
                 return
-            probs, classes = self._top(buf[:len(owners)])
+            outputs = self._outputs(buf[:len(owners)])
             for row, (p, k) in enumerate(owners):
-                a["probs"][p, k], a["classes"][p, k] = probs[row], classes[row]
+                for name, values in outputs.items():
+                    a[name][p, k] = values[row]
             owners.clear()
 
         for p, sample in enumerate(read_shard(shard, job.data_options)):

@@ -1,5 +1,8 @@
 """Placement ``stored``: the teacher's predictions were computed once, ahead of training, and are replayed.
 
+A label set of every class's logit (``teacher label --logits``) gives the method the teacher's logits themselves
+(stored in float16); a top-N one gives the log of the distribution rebuilt below.
+
 ``kd-cluster teacher label`` runs the teacher over K augmentation views of every training sample and stores
 the views' crop boxes and flips with the teacher's top-N probabilities (``kd_cluster.data.soft_labels``). In
 training, the stream replays one of the K crops per sample and pass, and this teacher turns the stored top-N
@@ -61,6 +64,8 @@ class StoredTeacher(Teacher):
 
     def step(self, inp: StepInput) -> TeacherOutputs:
         b = inp.batch
+        if "soft_logits" in b:  # a label set of every class's logit: the teacher's logits as they were
+            return b["soft_logits"].to(self.device, non_blocking=True).float(), {}
         p = dense_distribution(b["soft_probs"].to(self.device, non_blocking=True),
                                b["soft_classes"].to(self.device, non_blocking=True), self.num_classes)
         return torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)), {}

@@ -240,8 +240,16 @@ def _label_expect(eff: JobSpec, members: list[MemberPlan], train_m: Manifest | N
             "channels": train_m.channels if train_m is not None else 0}
 
 
+def check_form(name: str, needs: Needs, form: str, at: str, problems: list[str]) -> None:
+    """Whether a label set of ``form`` (``topk`` or ``logits``) can serve the method."""
+    if needs.full_logits and form != "logits":
+        problems.append(f"{at}teacher.placement: stored top-N probabilities cannot serve method {name!r}: "
+                        f"{needs.full_logits}; label with `kd-cluster teacher label --logits` (a labelling stage: "
+                        "logits: true), or use teacher.placement colocated or actors")
+
+
 def _check_labels(eff: JobSpec, at: str, check_data: str, labels: str, expect: dict[str, Any],
-                  problems: list[str]) -> None:
+                  problems: list[str], needs: Needs) -> None:
     """A stored label set matches this job: the same teacher, data, image size and augmentation. Labels an
     earlier stage of this job will store are checked when the stage that replays them opens them."""
     if check_data == "none" or (check_data == "local" and is_remote(labels)):
@@ -260,6 +268,7 @@ def _check_labels(eff: JobSpec, at: str, check_data: str, labels: str, expect: d
     shas = [weights_sha256(w, storage_options=storage_options(w, eff.storage.endpoint_url)) if w else None
             for w in expect["weights"]]
     problems.extend(at + line for line in label_mismatches(cfg, {**expect, "weights_sha256": shas}, eff.teacher.labels))
+    check_form(eff.method.name, needs, cfg.form, at, problems)
 
 
 def _stage_data(eff: JobSpec, at: str, check_data: str, problems: list[str],
@@ -329,8 +338,10 @@ def _label_stage(spec: JobSpec, eff: JobSpec, stage: StageSpec, at: str, root: s
                      stage_url=join(root, stage.name), labels=stage.labels)
 
 
-def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str, problems: list[str]) -> str | None:
-    """The label set a stored teacher replays: a URL, or an earlier labelling stage's output."""
+def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str, problems: list[str],
+                   stages: list[StageSpec], needs: Needs) -> str | None:
+    """The label set a stored teacher replays: a URL, or an earlier labelling stage's output (whose form is
+    checked against the method here; a URL's when it is opened)."""
     t = eff.teacher
     if t is None or t.placement != "stored" or not t.labels:
         return None
@@ -342,6 +353,9 @@ def _stored_labels(eff: JobSpec, at: str, trained_by: dict[str, str], root: str,
         problems.append(f"{at}teacher.labels: {t.labels!r} names no earlier stage that stores labels; such stages: "
                         f"{', '.join(labelled) or '(none)'}")
         return None
+    spec = next(s.labels for s in stages if s.name == ref)
+    assert spec is not None
+    check_form(eff.method.name, needs, "logits" if spec.logits else "topk", at, problems)
     return join(root, ref, "labels")
 
 
@@ -406,10 +420,10 @@ def plan_job(spec: JobSpec, source: str, check_data: Literal["none", "local", "a
             problems.append(f"{at}data.decode: 'gpu' decodes on the training workers' GPUs; set resources.use_gpu: "
                             "true (or data.decode: cpu)")
         train_m, val_m, total = _stage_data(eff, at, check_data, problems, opened)
-        labels = _stored_labels(eff, at, trained_by, root, problems) if members else None
+        labels = _stored_labels(eff, at, trained_by, root, problems, stages, needs) if members and needs else None
         expect = _label_expect(eff, members, train_m) if labels and members else None
         if labels and expect:
-            _check_labels(eff, at, check_data, labels, expect, problems)
+            _check_labels(eff, at, check_data, labels, expect, problems, needs)
         num_classes = train_m.num_classes if train_m else 0
         channels = train_m.channels if train_m else 0
         trained_by[stage.name] = stage.trains
