@@ -392,7 +392,7 @@ def cmd_bench_fidelity(a: argparse.Namespace) -> int:
                   f"budgets: {'every method' if a.all_budgets else 'scratch and the function-matching family'}), "
                   f"teacher {teacher_steps} steps; students trained on the {a.train_split} split"
                   f"{f' as {a.student}' if a.student else ''}, evaluated on the {a.eval_split} split of {a.dataset}; "
-                  f"runs under {out / 'runs'}", soft_wrap=True)
+                  f"runs under {a.runs or out / 'runs'}", soft_wrap=True)
     try:
         tuned = load_tuned(a.tuned) if a.tuned else None
         res = run_fidelity(jobs_dir=jobs, out=out, methods=methods, seeds=seeds, budgets=budgets,

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("kd", "funmatch", "fixed_teacher", "independent_views", "fitnet", "at", "pad", "crd", "sskd", "ie_kd",
-           "dml", "ie_dml")
+METHODS = ("kd", "kd_ls", "dkd", "dist", "funmatch", "fixed_teacher", "independent_views", "fitnet", "at", "pad", "crd",
+           "sskd", "ie_kd", "dml", "ie_dml")
 """Every distillation method the benchmark compares with the from-scratch student, in table order."""
 SCRATCH = "scratch"
 TUNED = "scratch_tuned"
