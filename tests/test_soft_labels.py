@@ -223,8 +223,8 @@ def test_an_interrupted_labelling_resumes_and_writes_each_shard_once(tmp_path: P
 
 def test_full_logit_labels_replay_the_teacher_s_logits_and_serve_dkd(tmp_path: Path, small_data: str) -> None:
     """teacher label --logits stores every class's logit per view (float16): the stored teacher hands the method
-    the teacher's logits on the replayed crop, a labelling stage with logits: true feeds DKD and DIST, and its label
-    set takes K * (9 + 2 C) + 9 bytes per sample."""
+    the teacher's logits on the replayed crop, a labelling stage with logits: true feeds DKD, DIST and KD (not
+    function matching), and its label set takes K * (9 + 2 C) + 9 bytes per sample."""
     from kd_cluster.cluster import run_job
     from kd_cluster.cluster.labeling import label_job
     from kd_cluster.models import Normalizer, load_weights
@@ -265,12 +265,19 @@ def test_full_logit_labels_replay_the_teacher_s_logits_and_serve_dkd(tmp_path: P
               {"name": "dkd", "set": {"method": {"name": "dkd", "warmup_fraction": 0.0},
                                       "teacher": {"placement": "stored", "labels": "stage:label"}}},
               {"name": "dist", "set": {"method": {"name": "dist"},
-                                       "teacher": {"placement": "stored", "labels": "stage:label"}}}]
+                                       "teacher": {"placement": "stored", "labels": "stage:label"}}},
+              {"name": "kd", "set": {"method": {"name": "kd"},
+                                     "teacher": {"placement": "stored", "labels": "stage:label"}}}]
     job = _job(tmp_path, small_data, weights, name="lg", stages=stages)
     job["teacher"] = {"arch": "cnn_s", "weights": weights}
     lg = _write(tmp_path, job, "lg.yaml")
     out = run_job(load_job(lg), str(lg), use_ray=False)
     assert out.stages["dkd"]["final_metrics"]["nckd"] > 0 and out.stages["dist"]["final_metrics"]["inter"] > 0
+    assert out.stages["kd"]["final_metrics"]["kl"] > 0
+    fm = _write(tmp_path, {**job, "stages": [stages[0], {"name": "fm", "set": {
+        "method": {"name": "funmatch"}, "augment": {"mixup_alpha": 0.0},
+        "teacher": {"placement": "stored", "labels": "stage:label"}}}]}, "fm.yaml")
+    assert "stored cannot serve method 'funmatch'" in _error(fm)  # every logit, but of crops fixed in advance
     topk = _write(tmp_path, {**job, "stages": [{**stages[0], "labels": {"views": 2}}, stages[1]]}, "tk.yaml")
     err = _error(topk)
     assert "stages[1] (dkd): teacher.placement: stored top-N probabilities cannot serve method 'dkd'" in err, err
