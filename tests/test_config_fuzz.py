@@ -47,6 +47,8 @@ def _one_error(code: int, err: str) -> str:
     ("".join("  " * i + f"k{i}:\n" for i in range(200)).encode(), "nested more than 32 levels"),
     (b"a: &a [x,x,x,x,x,x,x,x,x]\n" + b"".join(f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n"
                                                .encode() for i in range(8)), "once its aliases (*name) are expanded"),
+    (GOOD.encode() + b"extra: &loop {inner: *loop}\n", "the YAML anchor &loop contains itself"),
+    (GOOD.encode() + b"extra: &l [1, [2, *l]]\n", "the YAML anchor &l contains itself"),
     (b"name: t\n" + b"#" * (2 << 20) + b"\n", "a job file may have at most 1048576"),
     (GOOD.encode() + b"1: 2\n", "top level: key 1 is a int"),
     (GOOD.replace("student: {arch: cnn_xs}", "student: {arch: cnn_xs, true: 1}").encode(), "student: key True"),

@@ -38,17 +38,15 @@ def test_second_driver_is_refused_until_the_heartbeat_is_stale(run_store: Store)
             RunLease(run_store, timeout_s=30.0, run="r").acquire()
         with pytest.raises(LeaseHeld, match="--force takes over only a lease whose heartbeat is older than"):
             RunLease(run_store, timeout_s=30.0, run="r").acquire(force=True)
-        time.sleep(1.2)  # the heartbeat moves on while the first driver lives
-        assert json.loads(run_store.read_bytes(LEASE))["heartbeat"] > held["heartbeat"]
+        _wait_until(lambda: json.loads(run_store.read_bytes(LEASE))["heartbeat"] > held["heartbeat"],
+                    "the heartbeat moves on while the first driver lives")
         # seen from a clock 60 s ahead, the first driver's heartbeat is stale: --force takes over
         taker = RunLease(run_store, timeout_s=30.0, run="r", clock=lambda: time.time() + 60)
         with pytest.raises(LeaseHeld):
             taker.acquire()
         taker.acquire(force=True)
         assert json.loads(run_store.read_bytes(LEASE))["owner"] == taker.info.owner
-        deadline = time.time() + 10
-        while first.lost is None and time.time() < deadline:  # the first driver learns it lost the run
-            time.sleep(0.1)
+        _wait_until(lambda: first.lost is not None, "the first driver learns it lost the run")
         assert first.lost is not None and first.lost.owner == taker.info.owner
         first.release()  # gives back nothing that is not its own
         assert json.loads(run_store.read_bytes(LEASE))["owner"] == taker.info.owner
@@ -56,6 +54,69 @@ def test_second_driver_is_refused_until_the_heartbeat_is_stale(run_store: Store)
         assert not run_store.exists(LEASE)
     finally:
         first.release()
+
+
+def _wait_until(condition: Any, what: str, polls: int = 3000) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``polls`` looks (a progress count, not a
+    time bound: a slow machine polls more slowly and waits longer)."""
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+RACES = 200
+
+
+def _race(run_store: Store, rounds: int, first_overwrite: bool = False) -> tuple[int, list[int]]:
+    """``rounds`` times: a driver beats every 20 ms and a second one forces a takeover while it beats. A takeover
+    may be refused (the lease moved between the taker's look and its swap: it was alive); one that succeeded
+    must stay. Returns (takeovers that succeeded, the rounds whose lease ended naming the deposed driver)."""
+    took, overwritten = 0, []
+    for n in range(rounds):
+        first = RunLease(run_store, timeout_s=30.0, run="r", heartbeat_s=0.02)
+        first.acquire()
+        try:
+            beats = json.loads(run_store.read_bytes(LEASE))["heartbeat"]
+            _wait_until(lambda: json.loads(run_store.read_bytes(LEASE))["heartbeat"] > beats, "a heartbeat")
+            taker = RunLease(run_store, timeout_s=30.0, run="r", clock=lambda: time.time() + 60)
+            try:
+                taker.acquire(force=True)
+            except LeaseHeld:
+                continue  # the first driver beat in between: a live lease is not taken
+            took += 1
+            _wait_until(lambda: first.lost is not None or  # fenced: the first driver learns it lost the run
+                        json.loads(run_store.read_bytes(LEASE))["owner"] == first.info.owner,  # unfenced
+                        "the deposed driver's next heartbeat")
+            first._stop.set()
+            first._thread.join()
+            if json.loads(run_store.read_bytes(LEASE))["owner"] != taker.info.owner:
+                overwritten.append(n)
+            else:
+                assert first.lost is not None and first.lost.owner == taker.info.owner
+            taker.release()
+        finally:
+            first.release()
+            if run_store.exists(LEASE):
+                run_store.remove(LEASE)
+        if overwritten and first_overwrite:
+            break
+    return took, overwritten
+
+
+def test_takeover_racing_heartbeats_is_never_overwritten(run_store: Store) -> None:
+    """Each heartbeat and each takeover is a compare-and-swap: a takeover that lands between a heartbeat's look
+    and its write is never overwritten by the deposed driver."""
+    took, overwritten = _race(run_store, RACES)
+    assert overwritten == [] and took > 0, (took, overwritten)
+
+
+def test_unfenced_heartbeat_overwrites_takeovers(run_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race above is real: with fencing switched off, the look-then-write heartbeat overwrites some
+    takeover, leaving the deposed driver named in the lease."""
+    monkeypatch.setattr("kd_cluster.storage.lease.FENCED", False)
+    assert _race(run_store, RACES, first_overwrite=True)[1] != []
 
 
 def test_lease_of_a_process_gone_on_this_machine_is_taken_without_force(run_store: Store) -> None:

@@ -40,6 +40,10 @@ MAX_NODES = 100_000
 """The most values a job file may hold once its YAML aliases (``*name``) are expanded."""
 
 
+class _Cycle(Exception):
+    """A YAML alias inside the collection its anchor names: the loaded value would contain itself."""
+
+
 def _shape(text: str) -> tuple[int, int]:
     """(nesting depth, number of values) of the YAML in ``text`` with its aliases expanded, from the parser's
     event stream: no recursion and nothing built, so neither a deep file nor aliases that multiply (a "billion
@@ -62,6 +66,8 @@ def _shape(text: str) -> tuple[int, int]:
             if event.anchor:
                 anchors[event.anchor] = node
         elif isinstance(event, yaml.AliasEvent):
+            if any(frame[0] == event.anchor for frame in stack):
+                raise _Cycle(event.anchor)
             node = anchors.get(event.anchor, (1, 0))
         else:
             continue
@@ -116,6 +122,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except SpecError:
         raise
+    except _Cycle as exc:
+        raise SpecError(str(path), [f"the YAML anchor &{exc} contains itself (*{exc} inside it); a job file must "
+                                    "be a tree: copy the values instead"]) from None
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise SpecError(str(path), [f"not valid YAML: {detail}"]) from None
