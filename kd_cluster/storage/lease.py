@@ -42,8 +42,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kd_cluster.storage import Store
