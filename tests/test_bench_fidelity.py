@@ -117,6 +117,20 @@ def test_plan_cells_share_init_and_data_order_across_methods() -> None:
     assert len({c.run for c in cells}) == len(cells)
 
 
+def test_tuned_baseline_is_at_every_budget() -> None:
+    """The tuned scratch student is the baseline of every budget's rows, also where the other methods run at the
+    first budget only (no --all-budgets), and with the steps its search chose."""
+    from kd_cluster.bench.fidelity import Tuned
+
+    jobs = Path(__file__).resolve().parent.parent / "jobs" / "fashion_mnist"
+    tuned = Tuned(overrides=("optimizer.lr=0.012",), steps_factor=2.0)
+    cells = plan_cells(jobs, ["funmatch", "kd"], [0], [5, 20], "/r", "/t.safetensors", "tr", "te", "p", tuned=tuned)
+    assert sorted((c.method, c.budget, c.steps) for c in cells) == sorted([
+        ("scratch", 5, 5), ("scratch_tuned", 5, 10), ("funmatch", 5, 5), ("kd", 5, 5),
+        ("scratch", 20, 20), ("scratch_tuned", 20, 40), ("funmatch", 20, 20)])
+    assert all("optimizer.lr=0.012" in c.overrides for c in cells if c.method == "scratch_tuned")
+
+
 def test_runs_of_another_dataset_or_split_are_other_runs() -> None:
     names = {run_prefix("fashion-mnist", "test"), run_prefix("fashion-mnist", "val"), run_prefix("/data/kmnist", "test"),
              run_prefix("s3://b/kmnist/", "val"), run_prefix("fashion-mnist", "test", "train500"),

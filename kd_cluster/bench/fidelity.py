@@ -41,7 +41,8 @@ TUNED = "scratch_tuned"
 """The from-scratch student with the settings ``bench tune`` chose (scratch.yaml plus those overrides)."""
 BASELINES = (SCRATCH, TUNED)
 LONG_METHODS = (SCRATCH, "funmatch", "independent_views", "fixed_teacher")
-"""Trained at every budget; the other methods at the first budget only (unless ``all_budgets``)."""
+"""Trained at every budget (and the tuned scratch, the baseline, with them); the other methods at the first budget
+only (unless ``all_budgets``)."""
 NO_TEACHER = ("dml", "ie_dml")
 """Methods that learn from peers trained alongside, not from the teacher."""
 AUX_STAGES = {"sskd": "head", "ie_kd": "autoencoder"}
@@ -196,7 +197,7 @@ def plan_cells(jobs_dir: Path, methods: list[str], seeds: list[int], budgets: li
         for method in row:
             if variant and method not in variant_methods:
                 continue
-            if not variant and budget_no > 0 and not all_budgets and method not in LONG_METHODS:
+            if not variant and budget_no > 0 and not all_budgets and method not in (*LONG_METHODS, TUNED):
                 continue
             job = jobs_dir / f"{SCRATCH if method == TUNED else method}.yaml"
             for seed in seeds:
