@@ -252,6 +252,11 @@ def test_tune_then_fidelity_against_the_tuned_baseline(tmp_path: Path) -> None:
     assert len(pre["kills"]) >= 1 and pre["equal"] is True, pre  # a kill drawn late can find the run finished
     r = run("table", str(out / "runs.csv"))
     assert r.returncode == 0 and r.stdout.strip() in table, r.stdout + r.stderr
+    r = run("fidelity", "--out", str(out), "--methods", "funmatch", "--seeds", "0,1", "--budgets", "3,20",
+            "--teacher-steps", "3", "--tuned", str(tmp_path / "chosen.json"), "--all-budgets", "--variants", "shampoo",
+            "--preempt", "2")  # everything finished: reused, and the preempted run's kills are kept, not forgotten
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "preempted.json").read_text())["kills"] == pre["kills"]
 
 
 def test_prior_runs_stand_in_for_methods_and_scratch_is_the_check(tmp_path: Path) -> None:

@@ -699,8 +699,10 @@ def run_fidelity(*, jobs_dir: Path, out: Path, methods: list[str], seeds: list[i
     if preempt:
         longest = next(c for c in cells if c.method == "funmatch" and c.budget == max(budgets) and not c.variant
                        and c.seed == seeds[0])
-        result.preempted = preempted(longest, kills=preempt, seed=seeds[0])
-        (out / "preempted.json").write_text(json.dumps(result.preempted, indent=1))
+        record = out / "preempted.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else None
+        result.preempted = preempted(longest, kills=preempt, seed=seeds[0], earlier=earlier)
+        record.write_text(json.dumps(result.preempted, indent=1))
     result.wall_s = time.perf_counter() - t0
     trained = sum(c.wall_s for c in cells if not c.skipped)
     reused = sum(c.skipped for c in cells)
@@ -748,11 +750,14 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def preempted(cell: Cell, *, kills: int, seed: int = 0, checkpoints: int = 8) -> dict[str, Any]:
+def preempted(cell: Cell, *, kills: int, seed: int = 0, checkpoints: int = 8,
+              earlier: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cell`` again as another run (``<run>-preempted``, a checkpoint every 1/``checkpoints`` of the
     schedule), SIGKILL it ``kills`` times at random moments (once its log shows a step drawn at random between 5%
     and 95% of the schedule), each time starting the same command again; then compare its final weights with the
-    uninterrupted run's, tensor by tensor. Kills are recorded with the last step logged before each."""
+    uninterrupted run's, tensor by tensor. Kills are recorded with the last step logged before each. A run that
+    already finished is not trained again: its kills are those of ``earlier`` (the record a previous call wrote)
+    when that names this run, and the weights are compared again."""
     import random
     import signal
     import subprocess
@@ -774,11 +779,13 @@ def preempted(cell: Cell, *, kills: int, seed: int = 0, checkpoints: int = 8) ->
     kill_steps = sorted(rng.randint(cell.budget // 20, cell.budget * 19 // 20) for _ in range(kills))
     cmd = [sys.executable, "-m", "kd_cluster.cli", "run", cell.job, "--no-ray", *over]
     events: list[dict[str, Any]] = []
+    starts = 0
     t0 = time.perf_counter()
     for step in [*kill_steps, None]:
         if final.is_file():
             break
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        starts += 1
         if step is None:  # the last start runs to the end
             _, err = proc.communicate()
             if proc.returncode != 0:
@@ -793,9 +800,12 @@ def preempted(cell: Cell, *, kills: int, seed: int = 0, checkpoints: int = 8) ->
         proc.send_signal(signal.SIGKILL)  # the step the log shows, plus whatever ran since: a random moment
         proc.wait()
         events.append({"killed_after_step": _step_of(log), "at_s": round(time.perf_counter() - t0, 1)})
+    wall = round(time.perf_counter() - t0, 1)
+    if not starts and earlier and earlier.get("run") == run:  # finished by an earlier call, which recorded it
+        events, wall = earlier.get("kills", []), earlier.get("wall_s", 0.0)
     ours, theirs = weights_digest(final), weights_digest(Path(spec.storage.path) / cell.run / stage / "model.safetensors")
     return {"run": run, "uninterrupted": cell.run, "kills": events, "sha256_preempted": ours,
-            "sha256_uninterrupted": theirs, "equal": ours == theirs, "wall_s": round(time.perf_counter() - t0, 1)}
+            "sha256_uninterrupted": theirs, "equal": ours == theirs, "wall_s": wall}
 
 
 __all__ = ["BASELINES", "FULL", "LONG_METHODS", "METHODS", "QUICK", "SCRATCH", "TUNED", "VARIANTS", "Cell",
