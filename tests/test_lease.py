@@ -69,10 +69,12 @@ def _wait_until(condition: Any, what: str, polls: int = 3000) -> None:
 RACES = 200
 
 
-def _race(run_store: Store, rounds: int, first_overwrite: bool = False) -> tuple[int, list[int]]:
+def _race(run_store: Store, rounds: int) -> tuple[int, list[int]]:
     """``rounds`` times: a driver beats every 20 ms and a second one forces a takeover while it beats. A takeover
     may be refused (the lease moved between the taker's look and its swap: it was alive); one that succeeded
-    must stay. Returns (takeovers that succeeded, the rounds whose lease ended naming the deposed driver)."""
+    must stay. Returns (takeovers that succeeded, the rounds whose lease ended naming the deposed driver). With
+    ``kd_cluster.storage.lease.FENCED = False`` the same race finds overwrites (seen by hand; as a test it depends on
+    the machine's timing, so it is not one)."""
     took, overwritten = 0, []
     for n in range(rounds):
         first = RunLease(run_store, timeout_s=30.0, run="r", heartbeat_s=0.02)
@@ -100,8 +102,6 @@ def _race(run_store: Store, rounds: int, first_overwrite: bool = False) -> tuple
             first.release()
             if run_store.exists(LEASE):
                 run_store.remove(LEASE)
-        if overwritten and first_overwrite:
-            break
     return took, overwritten
 
 
@@ -110,13 +110,6 @@ def test_takeover_racing_heartbeats_is_never_overwritten(run_store: Store) -> No
     and its write is never overwritten by the deposed driver."""
     took, overwritten = _race(run_store, RACES)
     assert overwritten == [] and took > 0, (took, overwritten)
-
-
-def test_unfenced_heartbeat_overwrites_takeovers(run_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The race above is real: with fencing switched off, the look-then-write heartbeat overwrites some
-    takeover, leaving the deposed driver named in the lease."""
-    monkeypatch.setattr("kd_cluster.storage.lease.FENCED", False)
-    assert _race(run_store, RACES, first_overwrite=True)[1] != []
 
 
 def test_lease_of_a_process_gone_on_this_machine_is_taken_without_force(run_store: Store) -> None:
