@@ -225,11 +225,7 @@ class RunLease:
                 folder = os.path.dirname(folder)
         fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if self.store.local:
-            tmp = f"{target}.{self.info.owner}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(self._payload())
-                f.flush()
-                os.fsync(f.fileno())
+            tmp = self._staged()
             try:
                 os.link(tmp, target)  # atomic create-if-absent, of a complete file
                 return True
@@ -290,14 +286,17 @@ class RunLease:
             return None, None
         return self.current(), etag
 
-    def _write_local(self) -> None:
-        target = self.store._p(LEASE)
-        tmp = f"{target}.{self.info.owner}.tmp"
+    def _staged(self) -> str:
+        """Our lease, complete and on disk, in a temporary file beside ``lease.json`` (local stores)."""
+        tmp = f"{self.store._p(LEASE)}.{self.info.owner}.tmp"
         with open(tmp, "wb") as f:
             f.write(self._payload())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        return tmp
+
+    def _write_local(self) -> None:
+        os.replace(self._staged(), self.store._p(LEASE))
 
     def _put_if_match(self, etag: str | None) -> bool:
         """S3: replace the lease with ours if it is still the one with ``etag``; False when it is not."""
